@@ -1,0 +1,1 @@
+"""Accuracy and speed measurement of models and artifacts."""

@@ -1,0 +1,223 @@
+"""Artifact format v1: write atomically, read back with every tensor checked (see ARCHITECTURE.md).
+
+Directory: config.json (+ compressed-tensors quantization_config), generation_config.json, tokenizer files,
+model.safetensors (or shards + index), sparamx.json (manifest with a sha256 per safetensors file). No pickle.
+"""
+
+import copy
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .errors import ArtifactError
+
+FORMAT = "sparamx-artifact"
+VERSION = "1.0"
+MANIFEST = "sparamx.json"
+PACKED_KEYS = ("shape", "compressed", "bitmask", "row_offsets")
+MAX_SHARD = "5GB"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def compression_config(records: list[dict], structure: str) -> dict:
+    """The compressed-tensors style quantization_config that config.json carries."""
+    total = sum(r["shape"][0] * r["shape"][1] for r in records)
+    nonzero = sum(r["nnz"] for r in records)
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "sparse-bitmask",
+        "quantization_status": "compressed",
+        "config_groups": {},
+        "sparsity_config": {
+            "format": "sparse-bitmask",
+            "global_sparsity": 1.0 - nonzero / total if total else 0.0,
+            "sparsity_structure": structure,
+            "targets": sorted({r["name"] for r in records if r["kind"] == "bitmap"}),
+            "ignore": ["lm_head"],
+            "registry_requires_subclass": False,
+        },
+    }
+
+
+def artifact_state_dict(model, packed: set[str], pack: Callable, dtype=torch.bfloat16) -> dict[str, torch.Tensor]:
+    """Tensors to store: packed linears as P.shape/compressed/bitmask/row_offsets, the rest cast to `dtype`.
+
+    A tensor sharing storage with one already stored (tied lm_head) is left out; the loader re-ties it.
+    """
+    out: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, tuple]] = set()
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tuple(tensor.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        prefix = name.removesuffix(".weight")
+        value = tensor.to(dtype) if tensor.is_floating_point() else tensor
+        if name.endswith(".weight") and prefix in packed:
+            compressed, bitmask, row_offsets = pack(value.contiguous())
+            out[f"{prefix}.shape"] = torch.tensor(list(value.shape), dtype=torch.int64)
+            out[f"{prefix}.compressed"] = compressed
+            out[f"{prefix}.bitmask"] = bitmask
+            out[f"{prefix}.row_offsets"] = row_offsets
+        else:
+            out[name] = value.contiguous()
+    return out
+
+
+def write_artifact(
+    out: str | Path, config, generation_config, tokenizer, tensors: dict, manifest: dict, overwrite: bool = False
+) -> Path:
+    """Write everything into a temporary sibling, then rename it into place: a failure leaves no artifact behind."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ArtifactError(f"{out}: already exists (pass --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        config.save_pretrained(tmp)
+        if generation_config is not None:
+            generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        split = split_torch_state_dict_into_shards(
+            tensors, filename_pattern="model{suffix}.safetensors", max_shard_size=MAX_SHARD
+        )
+        files = {}
+        for filename, names in split.filename_to_tensors.items():
+            save_file({n: tensors[n] for n in names}, tmp / filename, metadata={"format": "pt"})
+            files[filename] = {"sha256": sha256_file(tmp / filename), "bytes": (tmp / filename).stat().st_size}
+        if split.is_sharded:
+            index = {
+                "metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+                "weight_map": split.tensor_to_filename,
+            }
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        manifest = {"format": FORMAT, "format_version": VERSION, **manifest, "files": files}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / "artifact")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def save_config(config, records: list[dict], structure: str):
+    """A copy of the model config that says what was done (compressed-tensors sparse-bitmask, stored in bf16)."""
+    config = copy.deepcopy(config)
+    config.quantization_config = compression_config(records, structure)
+    config.dtype = torch.bfloat16
+    return config
+
+
+def read_manifest(path: str | Path) -> dict:
+    path = Path(path)
+    file = path / MANIFEST
+    if not path.is_dir():
+        raise ArtifactError(f"{path}: artifact directory not found")
+    if not file.is_file():
+        raise ArtifactError(f"{path}: not a sparamx artifact (no {MANIFEST})")
+    try:
+        manifest = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{file}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{file}: 'format' is not {FORMAT!r}")
+    version = str(manifest.get("format_version", ""))
+    if version.split(".")[0] != VERSION.split(".")[0]:
+        raise ArtifactError(
+            f"{file}: format version {version!r} is not supported (this sparamx reads {VERSION.split('.')[0]}.x)"
+        )
+    if not isinstance(manifest.get("files"), dict) or not manifest["files"]:
+        raise ArtifactError(f"{file}: 'files' lists no safetensors files")
+    return manifest
+
+
+def read_tensors(path: str | Path, manifest: dict, verify: bool = True) -> dict[str, tuple[str, torch.Tensor]]:
+    """All stored tensors as name -> (file name, tensor); checks each file's sha256 first when `verify`."""
+    path = Path(path)
+    tensors: dict[str, tuple[str, torch.Tensor]] = {}
+    for filename, info in manifest["files"].items():
+        file = path / filename
+        if not file.is_file():
+            raise ArtifactError(f"{file}: listed in {MANIFEST} but missing")
+        if verify and sha256_file(file) != info.get("sha256"):
+            raise ArtifactError(f"{file}: sha256 does not match {MANIFEST} (truncated or modified file)")
+        try:
+            with safe_open(file, framework="pt") as fh:
+                for name in fh.keys():
+                    tensors[name] = (filename, fh.get_tensor(name))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ArtifactError(f"{file}: corrupt safetensors file ({exc})") from exc
+    return tensors
+
+
+def packed_prefixes(tensors: dict) -> list[str]:
+    return sorted({n.rsplit(".", 1)[0] for n in tensors if n.rsplit(".", 1)[-1] in PACKED_KEYS})
+
+
+def check_packed(prefix: str, tensors: dict) -> tuple[int, int]:
+    """Validate the four canonical tensors of one packed linear before any kernel sees them; returns (out, in)."""
+    for key in PACKED_KEYS:
+        if f"{prefix}.{key}" not in tensors:
+            raise ArtifactError(f"tensor {prefix}.{key} is missing ({prefix} has other packed tensors)")
+    file, shape = tensors[f"{prefix}.shape"]
+    where = f"{file}: tensor {prefix}"
+    if shape.dtype != torch.int64 or shape.shape != (2,) or bool((shape < 0).any()):
+        raise ArtifactError(
+            f"{where}.shape must be int64 [2] of non-negative sizes, got {shape.dtype} {list(shape.shape)}"
+        )
+    rows, cols = (int(v) for v in shape)
+    expected = {
+        "bitmask": (torch.uint8, (rows, (cols + 7) // 8)),
+        "row_offsets": (torch.int64, (rows,)),
+    }
+    for key, (dtype, dims) in expected.items():
+        tensor = tensors[f"{prefix}.{key}"][1]
+        if tensor.dtype != dtype or tuple(tensor.shape) != dims:
+            raise ArtifactError(
+                f"{where}.{key} must be {dtype} {list(dims)} for shape [{rows}, {cols}], "
+                f"got {tensor.dtype} {list(tensor.shape)}"
+            )
+    compressed = tensors[f"{prefix}.compressed"][1]
+    if compressed.dim() != 1:
+        raise ArtifactError(f"{where}.compressed must be 1-D, got shape {list(compressed.shape)}")
+    return rows, cols
+
+
+def dense_tensors(tensors: dict, unpack: Callable) -> dict[str, torch.Tensor]:
+    """Replace each packed linear with its dense `P.weight` through `unpack` (the C++ op); the rest pass through."""
+    dense = {name: t for name, (_, t) in tensors.items()}
+    for prefix in packed_prefixes(tensors):
+        rows, cols = check_packed(prefix, tensors)
+        file = tensors[f"{prefix}.bitmask"][0]
+        args = [tensors[f"{prefix}.{k}"][1] for k in ("compressed", "bitmask", "row_offsets")]
+        try:
+            dense[f"{prefix}.weight"] = unpack(*args, cols)
+        except RuntimeError as exc:
+            message = str(exc).splitlines()[0]
+            raise ArtifactError(f"{file}: packed tensor {prefix} is inconsistent: {message}") from exc
+        for key in PACKED_KEYS:
+            del dense[f"{prefix}.{key}"]
+    return dense

@@ -1,0 +1,66 @@
+"""Pruning math: scores and masks as pure functions of tensors (no model, no hooks, no device choices).
+
+A mask is a bool tensor shaped like the weight, True where the weight is kept.
+"""
+
+import torch
+from torch import Tensor
+
+
+def magnitude_scores(weight: Tensor) -> Tensor:
+    return weight.abs().float()
+
+
+def wanda_scores(weight: Tensor, input_sq_norm: Tensor) -> Tensor:
+    """|W_ij| * ||X_j||_2 (Wanda, arXiv:2306.11695). input_sq_norm[j] is the sum of x_j^2 over calibration tokens."""
+    if input_sq_norm.shape != (weight.shape[1],):
+        raise ValueError(f"input_sq_norm must have shape ({weight.shape[1]},), got {tuple(input_sq_norm.shape)}")
+    return weight.abs().float() * input_sq_norm.float().sqrt().unsqueeze(0)
+
+
+def unstructured_mask(scores: Tensor, sparsity: float, group: str = "row") -> Tensor:
+    """Zero the lowest-scoring `sparsity` fraction, per output row (group="row") or over the whole matrix ("layer").
+
+    The count is floor(n * sparsity) exactly, ties broken by position, so a 50% row of 576 keeps exactly 288.
+    """
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    mask = torch.ones_like(scores, dtype=torch.bool)
+    if group == "row":
+        k = int(scores.shape[1] * sparsity)
+        if k:
+            mask.scatter_(1, torch.topk(scores, k, dim=1, largest=False).indices, False)
+    elif group == "layer":
+        k = int(scores.numel() * sparsity)
+        if k:
+            mask.view(-1)[torch.topk(scores.reshape(-1), k, largest=False).indices] = False
+    else:
+        raise ValueError(f"group must be 'row' or 'layer', got {group!r}")
+    return mask
+
+
+def nm_mask(scores: Tensor, n: int, m: int) -> Tensor:
+    """Keep the n highest scores of every m consecutive inputs in each row (n:m semi-structured sparsity).
+
+    A trailing group shorter than m (in_features not a multiple of m) keeps min(n, its length) weights.
+    """
+    if not 0 < n < m:
+        raise ValueError(f"N:M needs 0 < N < M, got {n}:{m}")
+    rows, cols = scores.shape
+    pad = (-cols) % m
+    # Padding scores of -inf are always among the dropped, so a short tail group keeps its own n best.
+    padded = torch.nn.functional.pad(scores.float(), (0, pad), value=float("-inf")).view(rows, -1, m)
+    keep = torch.zeros_like(padded, dtype=torch.bool)
+    keep.scatter_(2, torch.topk(padded, n, dim=2).indices, True)
+    return keep.view(rows, -1)[:, :cols]
+
+
+def prune_mask(scores: Tensor, sparsity: float, nm: tuple[int, int] | None, group: str = "row") -> Tensor:
+    """The mask a PruneConfig asks for: N:M when nm is given, else unstructured at `sparsity`."""
+    return nm_mask(scores, *nm) if nm else unstructured_mask(scores, sparsity, group)
+
+
+def apply_mask_(weight: Tensor, mask: Tensor) -> Tensor:
+    """Zero the weights where mask is False, in place."""
+    weight.masked_fill_(~mask, 0)
+    return weight

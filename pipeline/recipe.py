@@ -1,0 +1,157 @@
+"""Recipes: YAML files parsed into dataclass configs that validate themselves and reject unknown keys.
+
+A recipe names what to do to a model, never which model: the same recipe runs on SmolLM2 and on Llama-3-8B.
+"""
+
+import dataclasses
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import RecipeError
+
+METHODS = ("magnitude", "wanda")
+GROUPS = ("row", "layer")
+_NM = re.compile(r"^(\d+):(\d+)$")
+
+
+@dataclass
+class CalibrationConfig:
+    """Where calibration windows come from and how many. Defaults follow Wanda/SparseGPT (128 x 2048 of C4)."""
+
+    dataset: str = "c4"  # c4 | wikitext2 | a path to a .txt / .jsonl file or a folder of them
+    nsamples: int = 128
+    seqlen: int = 2048  # capped at the model's max_position_embeddings
+    seed: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.dataset, str) or not self.dataset:
+            raise RecipeError(f"calibration.dataset must be a non-empty string, got {self.dataset!r}")
+        for key in ("nsamples", "seqlen"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise RecipeError(f"calibration.{key} must be a positive integer, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise RecipeError(f"calibration.seed must be an integer, got {self.seed!r}")
+
+
+@dataclass
+class PruneConfig:
+    """Which weights of each decoder linear to zero. lm_head and embeddings are never pruned."""
+
+    method: str = "wanda"  # magnitude (|W|) | wanda (|W| * ||X_j||_2, arXiv:2306.11695)
+    sparsity: float | None = None  # fraction zeroed; default 0.5, implied by the pattern for N:M
+    pattern: str = "unstructured"  # unstructured | "N:M" (keep N of every M consecutive inputs, e.g. 2:4)
+    group: str = "row"  # comparison group for unstructured: each output row, or the whole layer
+    layers: dict[str, float] = field(default_factory=dict)  # glob on module name -> sparsity; first match wins
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise RecipeError(f"prune.method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.group not in GROUPS:
+            raise RecipeError(f"prune.group must be one of {', '.join(GROUPS)}, got {self.group!r}")
+        if self.pattern != "unstructured":
+            n, m = self.nm  # validates the pattern
+            implied = 1.0 - n / m
+            if self.sparsity is not None and abs(self.sparsity - implied) > 1e-9:
+                raise RecipeError(
+                    f"prune.sparsity {self.sparsity} contradicts prune.pattern {self.pattern} ({implied})"
+                )
+            if self.layers:
+                raise RecipeError("prune.layers: per-layer ratios apply to unstructured pruning only")
+            self.sparsity = implied
+        elif self.sparsity is None:
+            self.sparsity = 0.5
+        _check_ratio("prune.sparsity", self.sparsity)
+        if not isinstance(self.layers, dict):
+            raise RecipeError(f"prune.layers must map module-name globs to sparsities, got {self.layers!r}")
+        for pattern, ratio in self.layers.items():
+            _check_ratio(f"prune.layers[{pattern!r}]", ratio)
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        """(N, M) for an N:M pattern, None when unstructured."""
+        if self.pattern == "unstructured":
+            return None
+        match = _NM.match(str(self.pattern))
+        if not match:
+            raise RecipeError(f"prune.pattern must be 'unstructured' or 'N:M' such as '2:4', got {self.pattern!r}")
+        n, m = int(match[1]), int(match[2])
+        if not 0 < n < m:
+            raise RecipeError(f"prune.pattern {self.pattern}: N:M needs 0 < N < M (keep N of every M)")
+        return n, m
+
+    def sparsity_for(self, name: str) -> float:
+        """The target sparsity of the linear called `name` (e.g. model.layers.3.mlp.up_proj)."""
+        from fnmatch import fnmatchcase
+
+        for pattern, ratio in self.layers.items():
+            if fnmatchcase(name, pattern):
+                return float(ratio)
+        return float(self.sparsity)
+
+
+@dataclass
+class Recipe:
+    name: str
+    description: str = ""
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise RecipeError(f"name must be a non-empty string, got {self.name!r}")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.prune.method == "wanda"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Recipe":
+        return _build(cls, data, "")
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Parse a recipe file; every error names the file and the key at fault."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping of keys, got {type(data).__name__}")
+    data.setdefault("name", path.stem)
+    try:
+        return Recipe.from_dict(data)
+    except RecipeError as exc:
+        raise RecipeError(f"{path}: {exc}") from exc
+
+
+def _check_ratio(key: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value < 1.0:
+        raise RecipeError(f"{key} must be a number in [0, 1), got {value!r}")
+
+
+def _build(cls, data, prefix: str):
+    if not isinstance(data, dict):
+        raise RecipeError(f"{prefix.rstrip('.') or 'recipe'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise RecipeError(f"unknown key '{prefix}{unknown[0]}' (expected one of: {', '.join(sorted(known))})")
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints[key]
+        kwargs[key] = _build(hint, value, f"{prefix}{key}.") if dataclasses.is_dataclass(hint) else value
+    return cls(**kwargs)

@@ -1,0 +1,98 @@
+"""The stage runner: resolve model -> calibrate -> prune -> pack -> write artifact. `sparamx.compress` is this."""
+
+import datetime
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from .artifact import artifact_state_dict, save_config, write_artifact
+from .errors import ArtifactError
+from .layerwise import prune_layerwise
+from .models import load_config, load_model, load_tokenizer, resolve_model
+from .recipe import Recipe, load_recipe
+from .textdata import calibration_windows, load_documents
+
+
+def default_out(model: str, recipe: Recipe) -> Path:
+    stem = Path(model).stem if model.endswith(".gguf") or "/" in model else model
+    return Path("artifacts") / f"{stem.replace('/', '--')}-{recipe.name}"
+
+
+def compress(
+    model: str | None = None,
+    recipe: str | Path | Recipe = "recipes/wanda-50.yaml",
+    out: str | Path | None = None,
+    calib: str | Path | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Compress `model` with `recipe` into the artifact directory `out`; returns a report (also in sparamx.json)."""
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    source = resolve_model(model)
+    out = Path(out) if out else default_out(source.name, recipe)
+    if out.exists() and not overwrite:
+        raise ArtifactError(f"{out}: already exists (pass --overwrite to replace it)")
+    config = load_config(source)  # architecture checked before any weight is read
+    timings = {}
+    start = time.perf_counter()
+
+    tokenizer = load_tokenizer(source)
+    windows, calibration = None, None
+    if recipe.needs_calibration:
+        cal = recipe.calibration
+        seqlen = min(cal.seqlen, getattr(config, "max_position_embeddings", cal.seqlen) or cal.seqlen)
+        documents = load_documents(cal.dataset, calib)
+        windows = calibration_windows(tokenizer, documents, cal.nsamples, seqlen, cal.seed)
+        calibration = {"dataset": str(calib or cal.dataset), "nsamples": len(windows), "seqlen": seqlen}
+    timings["prepare_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    llm = load_model(source, config)
+    timings["load_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    records = prune_layerwise(llm, recipe.prune, windows, progress=progress)
+    timings["prune_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    from ..kernels.ops import bitmap_pack
+
+    for record in records:
+        record["kind"] = "bitmap" if record["nnz"] < record["shape"][0] * record["shape"][1] else "dense"
+        record["dtype"] = "bfloat16"
+    packed = {r["name"] for r in records if r["kind"] == "bitmap"}
+    tensors = artifact_state_dict(llm, packed, bitmap_pack)
+    structure = recipe.prune.pattern if recipe.prune.nm else "unstructured"
+    manifest = {
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "created_by": {"sparamx": "0.1.0", "torch": torch.__version__, "python": platform.python_version()},
+        "source_model": source.to_dict(),
+        "recipe": recipe.to_dict(),
+        "calibration": calibration,
+        "layers": records,
+        "kv_sparsity": None,
+        "eval": None,
+    }
+    write_artifact(
+        out,
+        save_config(llm.config, records, structure),
+        llm.generation_config,
+        tokenizer,
+        tensors,
+        manifest,
+        overwrite=overwrite,
+    )
+    timings["write_s"] = time.perf_counter() - start
+
+    total = sum(r["shape"][0] * r["shape"][1] for r in records)
+    return {
+        "out": str(out),
+        "model": source.name,
+        "recipe": recipe.name,
+        "linears": len(records),
+        "packed": len(packed),
+        "sparsity": 1.0 - sum(r["nnz"] for r in records) / total,
+        "timings": timings,
+    }

@@ -1,0 +1,39 @@
+"""Builds sparamx.kernels._C against the installed torch and installs the sparamx packages.
+
+The top-level folders pipeline/, kernels/ and eval/ are mapped into the `sparamx` namespace so that no generic
+top-level module (`kernels` is also a Hugging Face package that transformers probes for) lands in site-packages.
+Build with `pip install --no-build-isolation .` so the extension links against the torch already installed.
+"""
+
+from pathlib import Path
+
+from setuptools import setup
+from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+CSRC = sorted(str(p) for p in Path("kernels/csrc").glob("*.cpp"))
+
+setup(
+    name="sparamx",
+    version="0.1.0",
+    description="Sparse + INT8 compression of LLMs and AMX/AVX-512 kernels that run them on Intel CPUs",
+    python_requires=">=3.10",
+    packages=["sparamx", "sparamx.pipeline", "sparamx.kernels", "sparamx.eval"],
+    package_dir={
+        "sparamx": "sparamx",
+        "sparamx.pipeline": "pipeline",
+        "sparamx.kernels": "kernels",
+        "sparamx.eval": "eval",
+    },
+    ext_modules=[
+        CppExtension(
+            "sparamx.kernels._C",
+            CSRC,
+            extra_compile_args=["-O3", "-fopenmp"],
+            extra_link_args=["-fopenmp"],
+            py_limited_api=True,
+        )
+    ],
+    cmdclass={"build_ext": BuildExtension},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
+    entry_points={"console_scripts": ["sparamx=sparamx.cli:main"]},
+)

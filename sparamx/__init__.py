@@ -1,0 +1,26 @@
+"""SparAMX: compress Hugging Face causal LMs (pruning, bitmap packing) and run them on our CPU kernels.
+
+model, tokenizer = sparamx.load("artifacts/smollm2-135m-wanda-50")
+report = sparamx.compress("smollm2-135m", recipe="recipes/wanda-50.yaml", out="artifacts/...")
+"""
+
+__version__ = "0.1.0"
+
+
+def load(path, dtype=None, verify: bool = True):
+    """Load an artifact directory -> (transformers model, tokenizer)."""
+    import torch
+
+    from .kernels.loader import load as _load
+
+    return _load(path, dtype=dtype or torch.bfloat16, verify=verify)
+
+
+def compress(model=None, recipe="recipes/wanda-50.yaml", out=None, calib=None, overwrite=False, progress=True):
+    """Run a recipe on a model and write the artifact; returns a report dict."""
+    from .pipeline.runner import compress as _compress
+
+    return _compress(model, recipe, out=out, calib=calib, overwrite=overwrite, progress=progress)
+
+
+__all__ = ["load", "compress", "__version__"]

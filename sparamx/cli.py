@@ -1,0 +1,131 @@
+"""`sparamx` command line: prune | inspect | generate. Errors a user can fix print as one line and exit 2."""
+
+import argparse
+import json
+import sys
+import time
+
+from .pipeline.errors import SparamxError
+
+EPILOG = """examples:
+  sparamx prune --model smollm2-135m --recipe recipes/wanda-50.yaml
+  sparamx prune --model meta-llama/Meta-Llama-3-8B --recipe recipes/wanda-2of4.yaml --out artifacts/llama3-2of4
+  sparamx inspect artifacts/smollm2-135m-wanda-50
+  sparamx generate artifacts/smollm2-135m-wanda-50 --prompt "The capital of France is"
+"""
+
+
+def cmd_prune(args) -> int:
+    from .pipeline.runner import compress
+
+    report = compress(
+        args.model, args.recipe, out=args.out, calib=args.calib, overwrite=args.overwrite, progress=not args.quiet
+    )
+    t = report["timings"]
+    print(
+        f"wrote {report['out']}: {report['packed']}/{report['linears']} linears packed, "
+        f"{100 * report['sparsity']:.2f}% sparse; prune {t['prune_s']:.0f}s, total {sum(t.values()):.0f}s"
+    )
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .eval.inspect_artifact import artifact_table
+
+    table, totals = artifact_table(args.path)
+    if args.json:
+        print(json.dumps({"layers": table, "totals": totals}, indent=2))
+        return 0
+    header = f"{'layer':<44} {'kind':<7} {'shape':>12} {'sparsity':>9} {'nnz':>10} {'bytes':>11} {'bits/w':>7}"
+    print(header)
+    print("-" * len(header))
+    for row in table:
+        shape = "x".join(str(s) for s in row["shape"])
+        print(
+            f"{row['name']:<44} {row['kind']:<7} {shape:>12} {100 * row['sparsity']:>8.2f}% {row['nnz']:>10} "
+            f"{row['bytes']:>11} {row['bits_per_weight']:>7.2f}"
+        )
+    print("-" * len(header))
+    print(
+        f"{'total linears':<44} {'':<7} {totals['params']:>12} {100 * totals['sparsity']:>8.2f}% "
+        f"{totals['nnz']:>10} {totals['bytes']:>11} {totals['bits_per_weight']:>7.2f}"
+    )
+    print(
+        f"artifact: {totals['files_bytes'] / 2**20:.1f} MiB on disk in {totals['files']} safetensors file(s); "
+        f"source {totals['source']}; recipe {totals['recipe']}"
+    )
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+    from transformers import TextStreamer
+
+    from . import load
+
+    model, tokenizer = load(args.path)
+    ids = tokenizer(args.prompt, return_tensors="pt")
+    streamer = TextStreamer(tokenizer, skip_special_tokens=True)
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=streamer)
+    new = out.shape[1] - ids.input_ids.shape[1]
+    seconds = time.perf_counter() - start
+    print(f"[{new} tokens in {seconds:.2f}s, {new / seconds:.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sparamx",
+        description="Compress causal LMs for fast CPU decoding and run the result.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    prune = sub.add_parser("prune", help="prune a model with a recipe and write an artifact directory")
+    prune.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="alias (smollm2-135m, llama-3-8b, llama-3.1-8b, llama-2-7b), hub id, model directory "
+        "or .gguf file (default: smollm2-135m, works offline)",
+    )
+    prune.add_argument("--recipe", default="recipes/wanda-50.yaml", help="recipe YAML (default: %(default)s)")
+    prune.add_argument("--out", help="artifact directory (default: artifacts/<model>-<recipe>)")
+    prune.add_argument(
+        "--calib",
+        help="calibration text: a .jsonl/.txt file or folder (default: the recipe's "
+        "dataset under $SPARAMX_DATA, else from the dataset hub)",
+    )
+    prune.add_argument("--overwrite", action="store_true", help="replace an existing artifact (atomically)")
+    prune.add_argument("--quiet", action="store_true", help="no progress bars")
+    prune.set_defaults(func=cmd_prune)
+
+    inspect = sub.add_parser("inspect", help="per-layer table of an artifact: shape, sparsity, nnz, bytes")
+    inspect.add_argument("path", help="artifact directory")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    inspect.set_defaults(func=cmd_inspect)
+
+    generate = sub.add_parser("generate", help="load an artifact and complete a prompt (greedy)")
+    generate.add_argument("path", help="artifact directory")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--max-new-tokens", type=int, default=32)
+    generate.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SparamxError as exc:
+        print(f"sparamx: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sparamx: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
