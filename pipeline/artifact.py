@@ -47,8 +47,8 @@ def compression_config(records: list[dict], structure: str) -> dict:
             "format": "sparse-bitmask",
             "global_sparsity": 1.0 - nonzero / total if total else 0.0,
             "sparsity_structure": structure,
-            "targets": sorted({r["name"] for r in records if r["kind"] == "bitmap"}),
-            "ignore": ["lm_head"],
+            "targets": ["Linear"],
+            "ignore": ["lm_head", *sorted(r["name"] for r in records if r["kind"] != "bitmap")],
             "registry_requires_subclass": False,
         },
     }
@@ -90,7 +90,10 @@ def write_artifact(
         raise ArtifactError(f"{out}: already exists (pass --overwrite to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the artifact is an ordinary directory
         config.save_pretrained(tmp)
         if generation_config is not None:
             generation_config.save_pretrained(tmp)
@@ -101,6 +104,7 @@ def write_artifact(
         files = {}
         for filename, names in split.filename_to_tensors.items():
             save_file({n: tensors[n] for n in names}, tmp / filename, metadata={"format": "pt"})
+            (tmp / filename).chmod(0o666 & ~umask)
             files[filename] = {"sha256": sha256_file(tmp / filename), "bytes": (tmp / filename).stat().st_size}
         if split.is_sharded:
             index = {

@@ -14,7 +14,7 @@ def pack_reference(dense: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     rows, cols = dense.shape
     keep = dense != 0
     counts = keep.sum(dim=1)
-    padded = torch.nn.functional.pad(keep, (0, (-cols) % 8)).view(rows, -1, 8).to(torch.uint8)
+    padded = torch.nn.functional.pad(keep, (0, (-cols) % 8)).view(rows, (cols + 7) // 8, 8).to(torch.uint8)
     bitmask = (padded * _BIT_WEIGHTS).sum(dim=2, dtype=torch.uint8)
     return dense[keep], bitmask, counts.cumsum(0) - counts
 
@@ -28,7 +28,7 @@ def unpack_reference(compressed: Tensor, bitmask: Tensor, row_offsets: Tensor, i
 
 def mask_from_bitmask(bitmask: Tensor, in_features: int) -> Tensor:
     bits = (bitmask.unsqueeze(-1) & _BIT_WEIGHTS) != 0
-    return bits.view(bitmask.shape[0], -1)[:, :in_features]
+    return bits.view(bitmask.shape[0], bitmask.shape[1] * 8)[:, :in_features]
 
 
 def packed_nbytes(rows: int, cols: int, nnz: int, value_bytes: int) -> int:

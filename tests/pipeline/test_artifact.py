@@ -1,0 +1,201 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import sparamx
+from sparamx.pipeline import artifact
+from sparamx.pipeline.artifact import MANIFEST, sha256_file
+from sparamx.pipeline.errors import ArtifactError
+from sparamx.pipeline.recipe import PruneConfig, Recipe
+
+MAGNITUDE = Recipe(name="magnitude-50", prune=PruneConfig(method="magnitude", sparsity=0.5))
+PREFIX = "model.layers.0.mlp.up_proj"
+
+
+@pytest.fixture(scope="module")
+def tiny_artifact(tmp_path_factory, tiny_model_dir) -> Path:
+    out = tmp_path_factory.mktemp("artifacts") / "tiny-magnitude-50"
+    report = sparamx.compress(str(tiny_model_dir), MAGNITUDE, out=out, progress=False)
+    assert report["packed"] == report["linears"] == 14
+    return out
+
+
+@pytest.fixture
+def copy_of(tiny_artifact, tmp_path):
+    import shutil
+
+    def make() -> Path:
+        dst = tmp_path / "copy"
+        shutil.copytree(tiny_artifact, dst)
+        return dst
+
+    return make
+
+
+def rewrite_tensors(path: Path, edit) -> None:
+    """Apply `edit` to the stored tensors and re-sign the file, so only the tensor check can catch the damage."""
+    file = path / "model.safetensors"
+    tensors = load_file(file)
+    edit(tensors)
+    save_file(tensors, file, metadata={"format": "pt"})
+    manifest = json.loads((path / MANIFEST).read_text())
+    manifest["files"]["model.safetensors"]["sha256"] = sha256_file(file)
+    (path / MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_v1_names_dtypes_and_manifest(tiny_artifact):
+    tensors = load_file(tiny_artifact / "model.safetensors")
+    assert tensors[f"{PREFIX}.shape"].dtype == torch.int64 and tensors[f"{PREFIX}.shape"].tolist() == [136, 64]
+    assert tensors[f"{PREFIX}.compressed"].dtype == torch.bfloat16 and tensors[f"{PREFIX}.compressed"].dim() == 1
+    assert tensors[f"{PREFIX}.bitmask"].dtype == torch.uint8 and tensors[f"{PREFIX}.bitmask"].shape == (136, 8)
+    assert tensors[f"{PREFIX}.row_offsets"].dtype == torch.int64 and tensors[f"{PREFIX}.row_offsets"][0] == 0
+    assert f"{PREFIX}.weight" not in tensors and "lm_head.weight" not in tensors  # tied to the embeddings
+    assert tensors["model.embed_tokens.weight"].dtype == torch.bfloat16
+    config = json.loads((tiny_artifact / "config.json").read_text())
+    qc = config["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and qc["sparsity_config"]["format"] == "sparse-bitmask"
+    assert abs(qc["sparsity_config"]["global_sparsity"] - 0.5) < 1e-3
+    manifest = json.loads((tiny_artifact / MANIFEST).read_text())
+    assert manifest["format"] == "sparamx-artifact" and manifest["format_version"].startswith("1.")
+    assert manifest["files"]["model.safetensors"]["sha256"] == sha256_file(tiny_artifact / "model.safetensors")
+    assert manifest["recipe"]["name"] == "magnitude-50" and len(manifest["layers"]) == 14
+    assert all(layer["sparsity"] == 0.5 for layer in manifest["layers"])
+    assert not list(tiny_artifact.parent.glob(".*tmp-*"))
+
+
+def test_load_reproduces_the_pruned_model(tiny_artifact, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from sparamx.pipeline.layerwise import prune_layerwise
+
+    pruned = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    prune_layerwise(pruned, MAGNITUDE.prune, None, progress=False)
+    # Built as transformers builds a bf16 model (its rotary buffers stay fp32), then given the pruned weights.
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).eval()
+    reference.load_state_dict({k: v.to(torch.bfloat16) for k, v in pruned.state_dict().items()})
+    model, tokenizer = sparamx.load(tiny_artifact)
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference(ids).logits)
+    assert model.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, ids.shape[1] + 3)
+
+
+def test_truncated_safetensors_names_the_file(copy_of):
+    path = copy_of()
+    file = path / "model.safetensors"
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    with pytest.raises(ArtifactError, match="model.safetensors: sha256 does not match"):
+        sparamx.load(path)
+    with pytest.raises(ArtifactError, match="model.safetensors: corrupt safetensors file"):
+        sparamx.load(path, verify=False)
+
+
+def test_missing_tensor_is_named(copy_of):
+    path = copy_of()
+    rewrite_tensors(path, lambda t: t.pop(f"{PREFIX}.bitmask"))
+    with pytest.raises(ArtifactError, match=f"tensor {PREFIX}.bitmask is missing"):
+        sparamx.load(path)
+
+
+def test_missing_dense_tensor_is_named(tmp_path, tiny_artifact):
+    import shutil
+
+    path = tmp_path / "a"
+    shutil.copytree(tiny_artifact, path)
+    rewrite_tensors(path, lambda t: t.pop("model.norm.weight"))
+    with pytest.raises(ArtifactError, match="tensor model.norm.weight is missing"):
+        sparamx.load(path)
+
+
+def test_misshaped_tensors_are_named(copy_of):
+    path = copy_of()
+    rewrite_tensors(path, lambda t: t.update({f"{PREFIX}.bitmask": t[f"{PREFIX}.bitmask"][:, :7].contiguous()}))
+    with pytest.raises(ArtifactError, match=f"tensor {PREFIX}.bitmask must be torch.uint8 \\[136, 8\\]"):
+        sparamx.load(path)
+
+
+def test_misshaped_dense_tensor_is_named(tmp_path, tiny_artifact):
+    import shutil
+
+    path = tmp_path / "a"
+    shutil.copytree(tiny_artifact, path)
+    rewrite_tensors(path, lambda t: t.update({"model.norm.weight": torch.ones(63, dtype=torch.bfloat16)}))
+    with pytest.raises(ArtifactError, match="tensor model.norm.weight has shape \\[63\\], the model needs \\[64\\]"):
+        sparamx.load(path)
+
+
+def test_popcount_disagreeing_with_offsets_is_named(copy_of):
+    path = copy_of()
+
+    def flip(tensors):
+        tensors[f"{PREFIX}.bitmask"][3, 0] ^= 1  # one more or one fewer value in row 3
+
+    rewrite_tensors(path, flip)
+    with pytest.raises(ArtifactError, match=f"packed tensor {PREFIX} is inconsistent: .*row_offsets\\[4\\]"):
+        sparamx.load(path)
+
+
+@pytest.mark.parametrize("version, message", [("2.0", "format version '2.0' is not supported"), (None, "version")])
+def test_unknown_major_version(copy_of, version, message):
+    path = copy_of()
+    manifest = json.loads((path / MANIFEST).read_text())
+    manifest["format_version"] = version
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=message):
+        sparamx.load(path)
+
+
+def test_not_an_artifact(tmp_path):
+    with pytest.raises(ArtifactError, match="not a sparamx artifact"):
+        sparamx.load(tmp_path)
+    with pytest.raises(ArtifactError, match="artifact directory not found"):
+        sparamx.load(tmp_path / "absent")
+
+
+def test_failure_while_writing_leaves_nothing(tmp_path, tiny_model_dir, monkeypatch):
+    calls = []
+
+    def failing_save(*args, **kwargs):
+        calls.append(args[1])
+        raise OSError("disk full")
+
+    monkeypatch.setattr(artifact, "save_file", failing_save)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="disk full"):
+        sparamx.compress(str(tiny_model_dir), MAGNITUDE, out=out, progress=False)
+    assert calls and not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_needs_overwrite(tmp_path, tiny_model_dir, tiny_artifact):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(tiny_artifact, out)
+    with pytest.raises(ArtifactError, match="already exists .*--overwrite"):
+        sparamx.compress(str(tiny_model_dir), MAGNITUDE, out=out, progress=False)
+    sparamx.compress(str(tiny_model_dir), MAGNITUDE, out=out, overwrite=True, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    sparamx.load(out)
+
+
+def test_wanda_on_a_model_directory_with_real_calibration_text(tmp_path, tiny_model_dir, data_root):
+    recipe = Recipe.from_dict(
+        {
+            "name": "wanda-2of4",
+            "prune": {"method": "wanda", "pattern": "2:4"},
+            "calibration": {"nsamples": 2, "seqlen": 64},
+        }
+    )
+    report = sparamx.compress(str(tiny_model_dir), recipe, out=tmp_path / "w", progress=False)
+    assert abs(report["sparsity"] - 0.5) < 1e-9
+    manifest = json.loads((tmp_path / "w" / MANIFEST).read_text())
+    assert manifest["calibration"] == {"dataset": "c4", "nsamples": 2, "seqlen": 64}
+    model, _ = sparamx.load(tmp_path / "w")
+    weight = model.model.layers[1].self_attn.o_proj.weight
+    assert ((weight.view(weight.shape[0], -1, 4) != 0).sum(dim=2) <= 2).all()
