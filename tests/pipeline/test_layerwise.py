@@ -1,0 +1,66 @@
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from sparamx.pipeline.layerwise import _input_groups, capture_block_inputs, prune_layerwise
+from sparamx.pipeline.models import linear_modules
+from sparamx.pipeline.pruning import prune_mask, wanda_scores
+from sparamx.pipeline.recipe import PruneConfig
+
+
+@pytest.fixture
+def tiny(tiny_model_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+
+
+@pytest.fixture(scope="module")
+def windows():
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randint(0, 49152, (1, 48), generator=gen) for _ in range(3)]
+
+
+def test_linears_are_grouped_by_shared_input_in_execution_order(tiny, windows):
+    hidden, kwargs = capture_block_inputs(tiny, windows[:1])
+    block = tiny.model.layers[0]
+    groups = _input_groups(block, linear_modules(block, "L"), hidden[0], kwargs)
+    assert groups == [
+        ["L.self_attn.q_proj", "L.self_attn.k_proj", "L.self_attn.v_proj"],
+        ["L.self_attn.o_proj"],
+        ["L.mlp.gate_proj", "L.mlp.up_proj"],
+        ["L.mlp.down_proj"],
+    ]
+
+
+def test_wanda_uses_the_input_norms_of_each_linear(tiny, windows):
+    block = tiny.model.layers[0]
+    weight = block.self_attn.q_proj.weight.detach().clone()
+    with torch.no_grad():
+        x = torch.cat([block.input_layernorm(tiny.model.embed_tokens(ids)) for ids in windows], dim=1)[0]
+    expected = prune_mask(wanda_scores(weight, x.double().square().sum(dim=0)), 0.5, None)
+    records = prune_layerwise(tiny, PruneConfig(method="wanda", sparsity=0.5), windows, progress=False)
+    assert torch.equal(block.self_attn.q_proj.weight != 0, expected)
+    assert [r["name"] for r in records[:7]] == list(linear_modules(block, "model.layers.0"))
+    assert all(r["nnz"] == r["shape"][0] * r["shape"][1] // 2 for r in records)
+
+
+def test_sequential_pruning_feeds_later_groups_pruned_inputs(tiny_model_dir, windows):
+    masks = {}
+    for sequential in (True, False):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+        prune_layerwise(model, PruneConfig(method="wanda", sequential=sequential), windows, progress=False)
+        masks[sequential] = {n: m.weight != 0 for n, m in linear_modules(model.model.layers[0], "l0").items()}
+    assert torch.equal(masks[True]["l0.self_attn.q_proj"], masks[False]["l0.self_attn.q_proj"])
+    assert not torch.equal(masks[True]["l0.mlp.down_proj"], masks[False]["l0.mlp.down_proj"])
+
+
+def test_per_layer_ratios_and_magnitude(tiny):
+    config = PruneConfig(method="magnitude", sparsity=0.5, layers={"*.mlp.*": 0.75, "model.layers.1.*": 0.0})
+    records = {r["name"]: r for r in prune_layerwise(tiny, config, None, progress=False)}
+    assert records["model.layers.0.mlp.up_proj"]["sparsity"] == 0.75
+    assert records["model.layers.0.self_attn.q_proj"]["sparsity"] == 0.5
+    assert records["model.layers.1.self_attn.q_proj"]["sparsity"] == 0.0
+
+
+def test_wanda_without_windows_is_an_error(tiny):
+    with pytest.raises(ValueError, match="calibration windows"):
+        prune_layerwise(tiny, PruneConfig(method="wanda"), None, progress=False)

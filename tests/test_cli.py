@@ -1,0 +1,59 @@
+import subprocess
+import sys
+
+import pytest
+
+import sparamx
+from sparamx.cli import main
+from sparamx.pipeline.recipe import PruneConfig, Recipe
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "sparamx.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory, tiny_model_dir):
+    out = tmp_path_factory.mktemp("cli") / "tiny"
+    recipe = Recipe(name="magnitude-2of4", prune=PruneConfig(method="magnitude", pattern="2:4"))
+    sparamx.compress(str(tiny_model_dir), recipe, out=out, progress=False)
+    return out
+
+
+def test_help_explains_each_command():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for command in ("prune", "inspect", "generate"):
+        assert command in result.stdout
+    prune = run_cli("prune", "--help")
+    assert "--recipe" in prune.stdout and "llama-3-8b" in prune.stdout and "--calib" in prune.stdout
+
+
+def test_inspect_prints_layers_and_totals(artifact, capsys):
+    assert main(["inspect", str(artifact)]) == 0
+    out = capsys.readouterr().out
+    assert "model.layers.1.mlp.down_proj" in out and "bitmap" in out and "50.00%" in out
+    total = [line for line in out.splitlines() if line.startswith("total linears")][0]
+    bits = float(total.split()[-1])
+    assert 8.5 < bits < 10.5  # 50% of bf16 values (8 bits/weight) + the 1-bit mask + row offsets on tiny rows
+
+
+def test_generate_prints_a_completion_and_speed(artifact):
+    result = run_cli("generate", str(artifact), "--prompt", "Hello", "--max-new-tokens", "4")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Hello") and "tokens/s" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["inspect", "/nonexistent/artifact"], "artifact directory not found"),
+        (["prune", "--recipe", "/nonexistent.yaml"], "recipe file not found"),
+        (["prune", "--model", "/nonexistent/model"], "no such model directory"),
+    ],
+)
+def test_user_errors_are_one_line(args, message):
+    result = run_cli(*args)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("sparamx: error:") and message in lines[0]
