@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 MODEL ?= smollm2-135m
 RECIPE ?= recipes/wanda-50.yaml
-OUT ?= artifacts/$(subst /,--,$(basename $(notdir $(MODEL))))-$(basename $(notdir $(RECIPE)))
+OUT ?=
 PYTEST_ARGS ?=
 
 # Real text for calibration and tests: ../shared/data beside the checkout when present (CI), else the dataset hub.
@@ -40,8 +40,8 @@ $(BUILD_STAMP): $(DEPS_STAMP) setup.py pyproject.toml $(wildcard kernels/csrc/*)
 
 install: $(BUILD_STAMP)  ## create .venv, install pinned dependencies, build the C++ extension
 
-prune: install  ## prune MODEL (default smollm2-135m) with RECIPE into OUT
-	$(VENV)/bin/sparamx prune --model $(MODEL) --recipe $(RECIPE) --out $(OUT) --overwrite
+prune: install  ## prune MODEL (default smollm2-135m) with RECIPE into OUT (default artifacts/<model>-<recipe>)
+	$(VENV)/bin/sparamx prune --model $(MODEL) --recipe $(RECIPE) $(if $(OUT),--out $(OUT)) --overwrite
 
 test: install  ## the whole suite, slow end-to-end tests on the real model included (as CI runs it)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

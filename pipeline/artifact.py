@@ -127,9 +127,10 @@ def write_artifact(
     return out
 
 
-def save_config(config, records: list[dict], structure: str):
-    """A copy of the model config that says what was done (compressed-tensors sparse-bitmask, stored in bf16)."""
-    config = copy.deepcopy(config)
+def save_config(model, records: list[dict], structure: str):
+    """A copy of the model's config that says what was done (compressed-tensors sparse-bitmask, stored in bf16)."""
+    config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]  # a GGUF-derived config lacks it; other tools look for it
     config.quantization_config = compression_config(records, structure)
     config.dtype = torch.bfloat16
     return config

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from .. import __version__
 from .artifact import artifact_state_dict, save_config, write_artifact
 from .errors import ArtifactError
 from .layerwise import prune_layerwise
@@ -67,7 +68,7 @@ def compress(
     structure = recipe.prune.pattern if recipe.prune.nm else "unstructured"
     manifest = {
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "created_by": {"sparamx": "0.1.0", "torch": torch.__version__, "python": platform.python_version()},
+        "created_by": {"sparamx": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "source_model": source.to_dict(),
         "recipe": recipe.to_dict(),
         "calibration": calibration,
@@ -77,7 +78,7 @@ def compress(
     }
     write_artifact(
         out,
-        save_config(llm.config, records, structure),
+        save_config(llm, records, structure),
         llm.generation_config,
         tokenizer,
         tensors,

@@ -12,6 +12,7 @@ EPILOG = """examples:
   sparamx prune --model meta-llama/Meta-Llama-3-8B --recipe recipes/wanda-2of4.yaml --out artifacts/llama3-2of4
   sparamx inspect artifacts/smollm2-135m-wanda-50
   sparamx generate artifacts/smollm2-135m-wanda-50 --prompt "The capital of France is"
+  sparamx generate artifacts/smollm2-135m-wanda-50 --chat --prompt "What is the capital of France?"
 """
 
 
@@ -64,8 +65,12 @@ def cmd_generate(args) -> int:
     from . import load
 
     model, tokenizer = load(args.path)
-    ids = tokenizer(args.prompt, return_tensors="pt")
-    streamer = TextStreamer(tokenizer, skip_special_tokens=True)
+    if args.chat:
+        messages = [{"role": "user", "content": args.prompt}]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    else:
+        ids = tokenizer(args.prompt, return_tensors="pt")
+    streamer = TextStreamer(tokenizer, skip_prompt=args.chat, skip_special_tokens=True)
     start = time.perf_counter()
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=streamer)
@@ -111,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("path", help="artifact directory")
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--max-new-tokens", type=int, default=32)
+    generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     generate.set_defaults(func=cmd_generate)
     return parser
 

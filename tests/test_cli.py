@@ -42,6 +42,9 @@ def test_generate_prints_a_completion_and_speed(artifact):
     result = run_cli("generate", str(artifact), "--prompt", "Hello", "--max-new-tokens", "4")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("Hello") and "tokens/s" in result.stderr
+    chat = run_cli("generate", str(artifact), "--chat", "--prompt", "Hello", "--max-new-tokens", "4")
+    assert chat.returncode == 0, chat.stderr
+    assert "<|im_start|>" not in chat.stdout and "4 tokens" in chat.stderr
 
 
 @pytest.mark.parametrize(

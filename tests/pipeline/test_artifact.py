@@ -55,6 +55,7 @@ def test_v1_names_dtypes_and_manifest(tiny_artifact):
     assert f"{PREFIX}.weight" not in tensors and "lm_head.weight" not in tensors  # tied to the embeddings
     assert tensors["model.embed_tokens.weight"].dtype == torch.bfloat16
     config = json.loads((tiny_artifact / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["dtype"] == "bfloat16"
     qc = config["quantization_config"]
     assert qc["quant_method"] == "compressed-tensors" and qc["sparsity_config"]["format"] == "sparse-bitmask"
     assert abs(qc["sparsity_config"]["global_sparsity"] - 0.5) < 1e-3
