@@ -48,3 +48,19 @@ def tiny_model_dir(tmp_path_factory, smol_tokenizer) -> Path:
     model.save_pretrained(path)
     smol_tokenizer.save_pretrained(path)
     return path
+
+
+_RESULTS: list[str] = []
+
+
+@pytest.fixture
+def report():
+    """Record a measured figure; all of them are printed at the end of the run (also when output is captured)."""
+    return _RESULTS.append
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _RESULTS:
+        terminalreporter.section("sparamx measurements")
+        for line in _RESULTS:
+            terminalreporter.write_line(line)

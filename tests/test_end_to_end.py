@@ -7,7 +7,7 @@ from safetensors import safe_open
 import sparamx
 from sparamx.eval.perplexity import token_perplexity
 from sparamx.pipeline.artifact import PACKED_KEYS, packed_prefixes
-from sparamx.pipeline.bitmap import mask_from_bitmask
+from sparamx.pipeline.bitmap import mask_from_bitmask, unpack_reference
 from sparamx.pipeline.layerwise import prune_layerwise
 from sparamx.pipeline.models import load_model, load_tokenizer, resolve_model
 from sparamx.pipeline.recipe import load_recipe
@@ -30,8 +30,8 @@ def artifacts(tmp_path_factory, data_root):
     out = {}
     for name in ("wanda-50", "magnitude-50"):
         out[name] = root / name
-        report = sparamx.compress("smollm2-135m", f"recipes/{name}.yaml", out=out[name], progress=False)
-        print(f"{name}: {report}")
+        result = sparamx.compress("smollm2-135m", f"recipes/{name}.yaml", out=out[name], progress=False)
+        print(f"{name}: {result}")
     return out
 
 
@@ -51,20 +51,61 @@ def test_default_artifact_is_half_sparse_in_every_row(artifacts):
         assert tensors[f"{prefix}.compressed"][1].dtype == torch.bfloat16
 
 
-def test_loaded_artifact_completes_the_capital_of_france(artifacts):
-    model, tokenizer = sparamx.load(artifacts["wanda-50"])
-    messages = [{"role": "user", "content": "What is the capital of France?"}]
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    out = model.generate(**ids, max_new_tokens=16, do_sample=False)
-    answer = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
-    print(f"answer: {answer!r}")
-    assert "Paris" in answer
+def test_loaded_artifact_matches_the_reference_reconstruction(artifacts):
+    """sparamx.load (C++ unpack, meta-device skeleton, re-tied head) == the source model in bf16 with each packed
+    weight rebuilt by the pure-torch reference: identical logits on a real prompt."""
+    path = artifacts["wanda-50"]
+    reference = load_model(resolve_model("smollm2-135m"), dtype=torch.bfloat16)
+    with safe_open(path / "model.safetensors", framework="pt") as fh:
+        tensors = {name: fh.get_tensor(name) for name in fh.keys()}
+    params = dict(reference.named_parameters())
+    with torch.no_grad():
+        for prefix in packed_prefixes(tensors):
+            cols = int(tensors[f"{prefix}.shape"][1])
+            args = [tensors[f"{prefix}.{k}"] for k in ("compressed", "bitmask", "row_offsets")]
+            params[f"{prefix}.weight"].copy_(unpack_reference(*args, cols))
+    model, tokenizer = sparamx.load(path)
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference(ids).logits)
 
 
-def test_perplexity_dense_beats_wanda_beats_magnitude(artifacts, wikitext):
+@pytest.fixture(scope="module")
+def dense(wikitext):
     source = resolve_model("smollm2-135m")
-    tokenizer = load_tokenizer(source)
-    ppl = {"dense": token_perplexity(load_model(source, dtype=torch.float32), tokenizer, wikitext, 1024, 40)}
+    model, tokenizer = load_model(source, dtype=torch.float32), load_tokenizer(source)
+    return model, tokenizer, token_perplexity(model, tokenizer, wikitext, 1024, 40)
+
+
+def continuation_perplexity(model, prompt_ids, continuation_ids) -> float:
+    ids = torch.cat([prompt_ids, continuation_ids], dim=1)
+    with torch.no_grad():
+        logits = model(ids).logits[0, prompt_ids.shape[1] - 1 : -1].float()
+    return torch.nn.functional.cross_entropy(logits, continuation_ids[0]).exp().item()
+
+
+def test_loaded_artifact_completes_the_prompt(artifacts, dense, report):
+    """Greedy decode through sparamx.load. The dense model answers "Paris" (so prompt and decoding are sound); the
+    pruned model must produce varied text, not a repeated token. Its completion and how likely the dense model finds
+    it are reported, not asserted: at 50% this 135M model no longer recalls the fact (see the README)."""
+    dense_model, tokenizer, _ = dense
+    prompt = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    completions = {}
+    for name in ("dense", "wanda-50"):
+        model = dense_model if name == "dense" else sparamx.load(artifacts[name])[0]
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False)
+        completions[name] = out[:, prompt.shape[1] :]
+        fluency = continuation_perplexity(dense_model, prompt, completions[name])
+        text = tokenizer.decode(out[0], skip_special_tokens=True)
+        report(f"generate {name}: {text!r} (perplexity of the completion under the dense model: {fluency:.1f})")
+        assert len(set(completions[name][0].tolist())) >= 6, text  # not one token repeated
+    assert "Paris" in tokenizer.decode(completions["dense"][0])
+
+
+def test_perplexity_dense_beats_wanda_beats_magnitude(artifacts, wikitext, dense, report):
+    source = resolve_model("smollm2-135m")
+    _, tokenizer, dense_ppl = dense
+    ppl = {"dense": dense_ppl}
     for name, path in artifacts.items():
         model, _ = sparamx.load(path, dtype=torch.float32)
         ppl[name] = token_perplexity(model, tokenizer, wikitext, 1024, 40)
