@@ -1,4 +1,7 @@
-"""One-line wrappers over the `sparamx` torch ops, and their fake (meta) implementations for tracing."""
+"""One-line wrappers over the `sparamx` torch ops, their fake (meta) implementations, and the ISA choice."""
+
+import functools
+import os
 
 import torch
 from torch import Tensor
@@ -14,6 +17,57 @@ def bitmap_pack(dense: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 def bitmap_unpack(compressed: Tensor, bitmask: Tensor, row_offsets: Tensor, in_features: int) -> Tensor:
     """Canonical bitmap tensors -> dense [out, in_features] of compressed's dtype."""
     return torch.ops.sparamx.bitmap_unpack.default(compressed, bitmask, row_offsets, in_features)
+
+
+def bitmap_linear(
+    x: Tensor, compressed: Tensor, bitmask: Tensor, row_offsets: Tensor, in_features: int, bias: Tensor | None = None
+) -> Tensor:
+    """y = x @ W^T (+ bias) with W in the canonical bitmap format (bf16 values); y has x's dtype."""
+    return torch.ops.sparamx.bitmap_linear.default(x, compressed, bitmask, row_offsets, in_features, bias, isa())
+
+
+FEATURES = (
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_vbmi2",
+    "avx512_vnni",
+    "avx512_bf16",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+)
+AVX512_KERNEL_FEATURES = {"avx512f", "avx512bw", "avx512vl", "avx512_vbmi2", "avx512_bf16"}
+ISAS = ("reference", "avx512")
+
+
+@functools.cache
+def cpu_features() -> frozenset[str]:
+    """What the CPU and OS allow, detected once per process (cpuid, xgetbv, arch_prctl for AMX tile data)."""
+    bits = torch.ops.sparamx.cpu_features.default()
+    return frozenset(name for i, name in enumerate(FEATURES) if bits >> i & 1)
+
+
+def available_isas() -> tuple[str, ...]:
+    return ("reference", "avx512") if AVX512_KERNEL_FEATURES <= cpu_features() else ("reference",)
+
+
+def isa() -> str:
+    """The kernel path: $SPARAMX_ISA when set (reference | avx512), else the best this CPU has."""
+    forced = os.environ.get("SPARAMX_ISA", "").strip().lower()
+    if not forced:
+        return available_isas()[-1]
+    if forced not in ISAS:
+        raise ValueError(f"SPARAMX_ISA={forced!r}: expected one of {', '.join(ISAS)}")
+    if forced not in available_isas():
+        missing = ", ".join(sorted(AVX512_KERNEL_FEATURES - cpu_features()))
+        raise RuntimeError(f"SPARAMX_ISA={forced} but this CPU lacks {missing}")
+    return forced
+
+
+@torch.library.register_fake("sparamx::bitmap_linear")
+def _(x, compressed, bitmask, row_offsets, in_features, bias=None, isa="auto"):
+    return x.new_empty((*x.shape[:-1], bitmask.shape[0]))
 
 
 @torch.library.register_fake("sparamx::bitmap_pack")

@@ -2,9 +2,11 @@
 
 import argparse
 import json
+import os
 import sys
 import time
 
+from . import __version__
 from .pipeline.errors import SparamxError
 
 EPILOG = """examples:
@@ -80,6 +82,23 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_info(args) -> int:
+    import torch
+
+    from .kernels import ops
+
+    features = ops.cpu_features()
+    print(f"sparamx {__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print("cpu features: " + (", ".join(f for f in ops.FEATURES if f in features) or "none of interest"))
+    print(
+        f"kernel paths available: {', '.join(ops.available_isas())}; chosen: {ops.isa()}"
+        + (" (forced by SPARAMX_ISA)" if os.environ.get("SPARAMX_ISA") else "")
+    )
+    if "amx_tile" not in features:
+        print("AMX: not available to this process (no amx_tile in cpuid, or arch_prctl refused tile data)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sparamx",
@@ -118,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--max-new-tokens", type=int, default=32)
     generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     generate.set_defaults(func=cmd_generate)
+
+    info = sub.add_parser("info", help="CPU features detected and the kernel path chosen")
+    info.set_defaults(func=cmd_info)
     return parser
 
 

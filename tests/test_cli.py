@@ -23,10 +23,18 @@ def artifact(tmp_path_factory, tiny_model_dir):
 def test_help_explains_each_command():
     result = run_cli("--help")
     assert result.returncode == 0
-    for command in ("prune", "inspect", "generate"):
+    for command in ("prune", "inspect", "generate", "info"):
         assert command in result.stdout
     prune = run_cli("prune", "--help")
     assert "--recipe" in prune.stdout and "llama-3-8b" in prune.stdout and "--calib" in prune.stdout
+
+
+def test_info_reports_the_detected_path(capsys):
+    from sparamx.kernels import ops
+
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"chosen: {ops.isa()}" in out and "cpu features:" in out
 
 
 def test_inspect_prints_layers_and_totals(artifact, capsys):

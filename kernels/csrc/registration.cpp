@@ -3,6 +3,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu_features.h"
+
 extern "C" {
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
@@ -15,4 +17,9 @@ TORCH_LIBRARY(sparamx, m) {
   // bitmask [rows, ceil(cols / 8)] and the exclusive prefix sum of nonzeros per row.
   m.def("bitmap_pack(Tensor dense) -> (Tensor compressed, Tensor bitmask, Tensor row_offsets)");
   m.def("bitmap_unpack(Tensor compressed, Tensor bitmask, Tensor row_offsets, int in_features) -> Tensor");
+  // y = x @ W^T (+ bias), W given by the canonical bitmap tensors (bf16 values). isa: auto | reference | avx512.
+  m.def("bitmap_linear(Tensor x, Tensor compressed, Tensor bitmask, Tensor row_offsets, int in_features, "
+        "Tensor? bias=None, str isa='auto') -> Tensor");
+  // Bit set of the CPU features detected once per process (see csrc/cpu_features.h).
+  m.def("cpu_features() -> int", &sparamx::cpu_features);
 }
