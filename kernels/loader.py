@@ -4,13 +4,19 @@ from pathlib import Path
 
 import torch
 
-from ..pipeline.artifact import dense_tensors, read_manifest, read_tensors
+from ..pipeline.artifact import PACKED_KEYS, checked_packed, dense_tensors, read_manifest, read_tensors
 from ..pipeline.errors import ArtifactError
 from . import ops
+from .modules import SparseLinear
 
 
-def load(path: str | Path, dtype: torch.dtype = torch.bfloat16, verify: bool = True):
-    """Load the artifact at `path` -> (model, tokenizer). `verify` checks each file's sha256 first."""
+def load(path: str | Path, dtype: torch.dtype = torch.bfloat16, verify: bool = True, kernels: bool = True):
+    """Load the artifact at `path` -> (model, tokenizer).
+
+    kernels=True: packed linears become SparseLinear modules running our kernels (weights stay packed).
+    kernels=False: they are unpacked into dense nn.Linear weights (the reference the kernels are tested against).
+    `verify` checks each file's sha256 first.
+    """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -25,9 +31,19 @@ def load(path: str | Path, dtype: torch.dtype = torch.bfloat16, verify: bool = T
         del config.quantization_config  # describes the files; the model we build holds dense tensors
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    state = dense_tensors(tensors, ops.bitmap_unpack)
+    packed: set[str] = set()
+    if kernels:
+        state = {name: t for name, (_, t) in tensors.items()}
+        for prefix, args, cols, _ in checked_packed(tensors, ops.bitmap_check):
+            for key in PACKED_KEYS:
+                del state[f"{prefix}.{key}"]
+            bias = state.pop(f"{prefix}.bias", None)
+            model.set_submodule(prefix, SparseLinear(*args, cols, bias.to(dtype) if bias is not None else None))
+            packed.add(prefix)
+    else:
+        state = dense_tensors(tensors, ops.bitmap_unpack)
 
-    expected = model.state_dict()
+    expected = {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[0] not in packed}
     tied = set(getattr(model, "_tied_weights_keys", None) or {}) if config.tie_word_embeddings else set()
     unknown = sorted(set(state) - set(expected))
     if unknown:

@@ -19,6 +19,11 @@ def bitmap_unpack(compressed: Tensor, bitmask: Tensor, row_offsets: Tensor, in_f
     return torch.ops.sparamx.bitmap_unpack.default(compressed, bitmask, row_offsets, in_features)
 
 
+def bitmap_check(compressed: Tensor, bitmask: Tensor, row_offsets: Tensor, in_features: int) -> None:
+    """Raise RuntimeError unless the tensors form a consistent bitmap (popcounts vs row_offsets vs values)."""
+    torch.ops.sparamx.bitmap_check.default(compressed, bitmask, row_offsets, in_features)
+
+
 def bitmap_linear(
     x: Tensor, compressed: Tensor, bitmask: Tensor, row_offsets: Tensor, in_features: int, bias: Tensor | None = None
 ) -> Tensor:

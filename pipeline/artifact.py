@@ -211,18 +211,26 @@ def check_packed(prefix: str, tensors: dict) -> tuple[int, int]:
     return rows, cols
 
 
-def dense_tensors(tensors: dict, unpack: Callable) -> dict[str, torch.Tensor]:
-    """Replace each packed linear with its dense `P.weight` through `unpack` (the C++ op); the rest pass through."""
-    dense = {name: t for name, (_, t) in tensors.items()}
+def checked_packed(tensors: dict, check: Callable):
+    """Yield (prefix, (compressed, bitmask, row_offsets), in_features) for each packed linear, after the Python shape
+    checks and `check` (a C++ op that raises on inconsistent popcounts), with errors naming the file and tensor."""
     for prefix in packed_prefixes(tensors):
         rows, cols = check_packed(prefix, tensors)
         file = tensors[f"{prefix}.bitmask"][0]
-        args = [tensors[f"{prefix}.{k}"][1] for k in ("compressed", "bitmask", "row_offsets")]
+        args = tuple(tensors[f"{prefix}.{k}"][1] for k in ("compressed", "bitmask", "row_offsets"))
         try:
-            dense[f"{prefix}.weight"] = unpack(*args, cols)
+            result = check(*args, cols)
         except RuntimeError as exc:
             message = str(exc).splitlines()[0]
             raise ArtifactError(f"{file}: packed tensor {prefix} is inconsistent: {message}") from exc
+        yield prefix, args, cols, result
+
+
+def dense_tensors(tensors: dict, unpack: Callable) -> dict[str, torch.Tensor]:
+    """Replace each packed linear with its dense `P.weight` through `unpack` (the C++ op); the rest pass through."""
+    dense = {name: t for name, (_, t) in tensors.items()}
+    for prefix, _, _, weight in checked_packed(tensors, unpack):
+        dense[f"{prefix}.weight"] = weight
         for key in PACKED_KEYS:
             del dense[f"{prefix}.{key}"]
     return dense

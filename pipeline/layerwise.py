@@ -62,9 +62,11 @@ def _block_output(out):
 
 def _input_groups(block, linears: dict, hidden: torch.Tensor, block_kwargs: dict) -> list[list[str]]:
     """Linears in the order the block runs them, grouped when they read the same input (q/k/v; gate/up)."""
-    calls: list[tuple[str, int]] = []
+    # The inputs themselves are kept for this one pass and compared by identity: comparing addresses would let a
+    # freed input's memory, reused for the next one, merge groups that do not share an input.
+    calls: list[tuple[str, torch.Tensor]] = []
     handles = [
-        mod.register_forward_hook(lambda m, args, out, name=name: calls.append((name, args[0].data_ptr())))
+        mod.register_forward_hook(lambda m, args, out, name=name: calls.append((name, args[0])))
         for name, mod in linears.items()
     ]
     try:
@@ -73,15 +75,15 @@ def _input_groups(block, linears: dict, hidden: torch.Tensor, block_kwargs: dict
         for handle in handles:
             handle.remove()
     groups: list[list[str]] = []
-    last_ptr = None
-    for name, ptr in calls:
+    last_input = None
+    for name, tensor in calls:
         if any(name in group for group in groups):
             continue
-        if groups and ptr == last_ptr:
+        if groups and tensor is last_input:
             groups[-1].append(name)
         else:
             groups.append([name])
-        last_ptr = ptr
+        last_input = tensor
     missing = sorted(set(linears) - {name for name, _ in calls})
     if missing:
         raise ValueError(f"{missing[0]} never runs in its block's forward; cannot collect its input statistics")

@@ -7,13 +7,14 @@ report = sparamx.compress("smollm2-135m", recipe="recipes/wanda-50.yaml", out="a
 __version__ = "0.1.0"
 
 
-def load(path, dtype=None, verify: bool = True):
-    """Load an artifact directory -> (transformers model, tokenizer)."""
+def load(path, dtype=None, verify: bool = True, kernels: bool = True):
+    """Load an artifact directory -> (transformers model, tokenizer); packed linears run on our kernels unless
+    kernels=False (then they are unpacked to dense weights)."""
     import torch
 
     from .kernels.loader import load as _load
 
-    return _load(path, dtype=dtype or torch.bfloat16, verify=verify)
+    return _load(path, dtype=dtype or torch.bfloat16, verify=verify, kernels=kernels)
 
 
 def compress(model=None, recipe="recipes/wanda-50.yaml", out=None, calib=None, overwrite=False, progress=True):

@@ -91,34 +91,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bitmap_pack(const at::Tensor& den
   return {compressed, bitmask, row_offsets};
 }
 
-at::Tensor bitmap_unpack(const at::Tensor& compressed, const at::Tensor& bitmask, const at::Tensor& row_offsets,
-                         int64_t in_features) {
+void bitmap_check(const at::Tensor& compressed, const at::Tensor& bitmask, const at::Tensor& row_offsets,
+                  int64_t in_features) {
   TORCH_CHECK(compressed.device().is_cpu() && bitmask.device().is_cpu() && row_offsets.device().is_cpu(),
-              "bitmap_unpack: expected CPU tensors");
-  TORCH_CHECK(in_features >= 0, "bitmap_unpack: in_features must be >= 0, got ", in_features);
-  TORCH_CHECK(compressed.dim() == 1, "bitmap_unpack: compressed must be 1-D, got shape ", compressed.sizes());
-  TORCH_CHECK(bitmask.scalar_type() == at::kByte, "bitmap_unpack: bitmask must be uint8, got ",
-              bitmask.scalar_type());
+              "bitmap: expected CPU tensors");
+  TORCH_CHECK(in_features >= 0, "bitmap: in_features must be >= 0, got ", in_features);
+  TORCH_CHECK(compressed.dim() == 1, "bitmap: compressed must be 1-D, got shape ", compressed.sizes());
+  TORCH_CHECK(bitmask.scalar_type() == at::kByte, "bitmap: bitmask must be uint8, got ", bitmask.scalar_type());
   const int64_t nbytes = (in_features + 7) / 8;
-  TORCH_CHECK(bitmask.dim() == 2 && bitmask.size(1) == nbytes, "bitmap_unpack: bitmask must be [rows, ", nbytes,
+  TORCH_CHECK(bitmask.dim() == 2 && bitmask.size(1) == nbytes, "bitmap: bitmask must be [rows, ", nbytes,
               "] for in_features=", in_features, ", got shape ", bitmask.sizes());
   const int64_t rows = bitmask.size(0);
-  TORCH_CHECK(row_offsets.scalar_type() == at::kLong, "bitmap_unpack: row_offsets must be int64, got ",
+  TORCH_CHECK(row_offsets.scalar_type() == at::kLong, "bitmap: row_offsets must be int64, got ",
               row_offsets.scalar_type());
-  TORCH_CHECK(row_offsets.dim() == 1 && row_offsets.size(0) == rows, "bitmap_unpack: row_offsets must be [", rows,
+  TORCH_CHECK(row_offsets.dim() == 1 && row_offsets.size(0) == rows, "bitmap: row_offsets must be [", rows,
               "], got shape ", row_offsets.sizes());
   const size_t elem = compressed.element_size();
-  TORCH_CHECK(elem == 1 || elem == 2 || elem == 4 || elem == 8, "bitmap_unpack: unsupported dtype ",
+  TORCH_CHECK(elem == 1 || elem == 2 || elem == 4 || elem == 8, "bitmap: unsupported dtype ",
               compressed.scalar_type());
 
-  const at::Tensor values = compressed.contiguous();
   const at::Tensor bits = bitmask.contiguous();
   const at::Tensor offsets = row_offsets.contiguous();
   const uint8_t* bp = bits.const_data_ptr<uint8_t>();
   const int64_t* op = offsets.const_data_ptr<int64_t>();
-
   // The bitmask is the truth; row_offsets and the number of values must agree with it, and no bit may lie past
-  // in_features. Checked before anything is written, so a corrupt artifact is an error, never an out-of-bounds read.
+  // in_features. Checked before anything reads values, so a corrupt artifact is an error, never an out-of-bounds read.
   std::vector<int64_t> popcounts(rows);
   const uint8_t tail_mask = (in_features % 8) ? static_cast<uint8_t>(0xFF << (in_features % 8)) : 0;
   std::vector<int64_t> bad_tail(rows, 0);
@@ -133,13 +130,25 @@ at::Tensor bitmap_unpack(const at::Tensor& compressed, const at::Tensor& bitmask
   });
   int64_t expected = 0;
   for (int64_t r = 0; r < rows; ++r) {
-    TORCH_CHECK(!bad_tail[r], "bitmap_unpack: bitmask row ", r, " has bits set past in_features=", in_features);
-    TORCH_CHECK(op[r] == expected, "bitmap_unpack: row_offsets[", r, "] is ", op[r],
+    TORCH_CHECK(!bad_tail[r], "bitmap: bitmask row ", r, " has bits set past in_features=", in_features);
+    TORCH_CHECK(op[r] == expected, "bitmap: row_offsets[", r, "] is ", op[r],
                 " but the bitmask popcount of the rows before it is ", expected);
     expected += popcounts[r];
   }
-  TORCH_CHECK(values.numel() == expected, "bitmap_unpack: the bitmask has ", expected,
-              " set bits but compressed holds ", values.numel(), " values");
+  TORCH_CHECK(compressed.numel() == expected, "bitmap: the bitmask has ", expected,
+              " set bits but compressed holds ", compressed.numel(), " values");
+}
+
+at::Tensor bitmap_unpack(const at::Tensor& compressed, const at::Tensor& bitmask, const at::Tensor& row_offsets,
+                         int64_t in_features) {
+  bitmap_check(compressed, bitmask, row_offsets, in_features);
+  const at::Tensor values = compressed.contiguous();
+  const at::Tensor bits = bitmask.contiguous();
+  const at::Tensor offsets = row_offsets.contiguous();
+  const uint8_t* bp = bits.const_data_ptr<uint8_t>();
+  const int64_t* op = offsets.const_data_ptr<int64_t>();
+  const int64_t rows = bitmask.size(0);
+  const size_t elem = values.element_size();
 
   at::Tensor out = at::zeros({rows, in_features}, values.options());
   if (rows == 0 || in_features == 0) return out;
@@ -159,6 +168,7 @@ at::Tensor bitmap_unpack(const at::Tensor& compressed, const at::Tensor& bitmask
 TORCH_LIBRARY_IMPL(sparamx, CPU, m) {
   m.impl("bitmap_pack", &bitmap_pack);
   m.impl("bitmap_unpack", &bitmap_unpack);
+  m.impl("bitmap_check", &bitmap_check);
 }
 
 }  // namespace sparamx

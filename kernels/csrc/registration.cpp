@@ -17,6 +17,8 @@ TORCH_LIBRARY(sparamx, m) {
   // bitmask [rows, ceil(cols / 8)] and the exclusive prefix sum of nonzeros per row.
   m.def("bitmap_pack(Tensor dense) -> (Tensor compressed, Tensor bitmask, Tensor row_offsets)");
   m.def("bitmap_unpack(Tensor compressed, Tensor bitmask, Tensor row_offsets, int in_features) -> Tensor");
+  // Raises unless the three tensors are a consistent bitmap of in_features columns (popcounts, offsets, tail bits).
+  m.def("bitmap_check(Tensor compressed, Tensor bitmask, Tensor row_offsets, int in_features) -> ()");
   // y = x @ W^T (+ bias), W given by the canonical bitmap tensors (bf16 values). isa: auto | reference | avx512.
   m.def("bitmap_linear(Tensor x, Tensor compressed, Tensor bitmask, Tensor row_offsets, int in_features, "
         "Tensor? bias=None, str isa='auto') -> Tensor");
