@@ -52,18 +52,9 @@ def test_default_artifact_is_half_sparse_in_every_row(artifacts):
         assert tensors[f"{prefix}.compressed"][1].dtype == torch.bfloat16
 
 
-def assert_close_in_bf16_ulps(logits, expected, ulps=4):
-    """Two bf16 implementations of a 30-layer network agree to a few bf16 ulps at the scale of the logits (their
-    1-ulp rounding differences compound through the residual stream) and pick the same token everywhere."""
-    logits, expected = logits.float(), expected.float()
-    assert torch.equal(logits.argmax(-1), expected.argmax(-1))
-    assert (logits - expected).abs().max() <= ulps * 2.0**-8 * expected.abs().max()
-
-
 def test_loaded_artifact_matches_the_reference_reconstruction(artifacts):
     """sparamx.load(kernels=False) (C++ unpack, meta-device skeleton, re-tied head) == the source model in bf16 with
-    each packed weight rebuilt by the pure-torch reference: identical logits on a real prompt. On the kernels
-    (the default), the same logits within bf16 tolerance."""
+    each packed weight rebuilt by the pure-torch reference: identical logits on a real prompt."""
     path = artifacts["wanda-50"]
     reference = load_model(resolve_model("smollm2-135m"), dtype=torch.bfloat16)
     with safe_open(path / "model.safetensors", framework="pt") as fh:
@@ -79,9 +70,29 @@ def test_loaded_artifact_matches_the_reference_reconstruction(artifacts):
     with torch.no_grad():
         expected = reference(ids).logits
         assert torch.equal(model(ids).logits, expected)
-        fast, _ = sparamx.load(path)
-        assert sum(isinstance(m, SparseLinear) for m in fast.modules()) == 30 * 7
-        assert_close_in_bf16_ulps(fast(ids).logits, expected)
+
+
+def test_kernels_are_as_accurate_as_stock_bf16(artifacts, wikitext, report):
+    """The default load (every packed linear on our kernel) against the same weights computed in fp32, next to stock
+    transformers bf16 against the same fp32: bf16 inference of a 30-layer model moves logits by up to a few units
+    (1-ulp rounding differences compound), so the kernels are held to torch's own bf16 error, on real text."""
+    path = artifacts["wanda-50"]
+    fast, tokenizer = sparamx.load(path)
+    assert sum(isinstance(m, SparseLinear) for m in fast.modules()) == 30 * 7
+    stock, _ = sparamx.load(path, kernels=False)
+    fp32, _ = sparamx.load(path, dtype=torch.float32, kernels=False)
+    ids = tokenizer(wikitext[:4000], return_tensors="pt").input_ids[:, :256]
+    with torch.no_grad():
+        logits = {name: m(ids).logits.float() for name, m in [("fp32", fp32), ("stock bf16", stock), ("ours", fast)]}
+    nll = {name: torch.nn.functional.cross_entropy(v[0, :-1], ids[0, 1:]).item() for name, v in logits.items()}
+    error = {name: (logits[name] - logits["fp32"]).abs().mean().item() for name in ("stock bf16", "ours")}
+    report(
+        f"kernels vs fp32 on 256 WikiText-2 tokens: mean |logit error| ours {error['ours']:.4f}, "
+        f"stock bf16 {error['stock bf16']:.4f}; NLL fp32 {nll['fp32']:.4f}, stock bf16 {nll['stock bf16']:.4f}, "
+        f"ours {nll['ours']:.4f}"
+    )
+    assert error["ours"] <= 1.25 * error["stock bf16"]
+    assert abs(nll["ours"] - nll["fp32"]) <= 0.01 * nll["fp32"]
 
 
 @pytest.fixture(scope="module")
