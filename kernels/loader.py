@@ -1,4 +1,4 @@
-"""sparamx.load: rebuild a transformers model from an artifact, every packed linear reconstructed by the C++ op."""
+"""sparamx.load: rebuild a transformers model from an artifact, its packed linears on our kernels (or unpacked)."""
 
 from pathlib import Path
 
@@ -28,13 +28,26 @@ def load(path: str | Path, dtype: torch.dtype = torch.bfloat16, verify: bool = T
     except (OSError, ValueError) as exc:
         raise ArtifactError(f"{path / 'config.json'}: cannot be read ({str(exc).splitlines()[0]})") from exc
     if hasattr(config, "quantization_config"):
-        del config.quantization_config  # describes the files; the model we build holds dense tensors
+        del config.quantization_config  # describes the files, not a quantizer transformers should apply
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     packed: set[str] = set()
     if kernels:
         state = {name: t for name, (_, t) in tensors.items()}
         for prefix, args, cols, _ in checked_packed(tensors, ops.bitmap_check):
+            try:
+                linear = model.get_submodule(prefix)
+            except AttributeError:
+                linear = None
+            if not isinstance(linear, torch.nn.Linear):
+                raise ArtifactError(
+                    f"{path}: packed tensor {prefix} does not name a linear of a {config.model_type} model"
+                )
+            if (args[1].shape[0], cols) != (linear.out_features, linear.in_features):
+                raise ArtifactError(
+                    f"{path}: packed tensor {prefix} is [{args[1].shape[0]}, {cols}], "
+                    f"the model needs [{linear.out_features}, {linear.in_features}]"
+                )
             for key in PACKED_KEYS:
                 del state[f"{prefix}.{key}"]
             bias = state.pop(f"{prefix}.bias", None)

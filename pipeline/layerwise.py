@@ -24,12 +24,10 @@ class InputSquareSums:
 
     def __init__(self, in_features: int):
         self.sums = torch.zeros(in_features, dtype=torch.float64)
-        self.tokens = 0
 
     def __call__(self, module, args, output):
         x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
         self.sums += x.square().sum(dim=0, dtype=torch.float64)
-        self.tokens += x.shape[0]
 
 
 @torch.no_grad()

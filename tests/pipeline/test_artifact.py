@@ -137,6 +137,19 @@ def test_misshaped_dense_tensor_is_named(tmp_path, tiny_artifact):
         sparamx.load(path)
 
 
+@pytest.mark.parametrize("kernels", [True, False])
+def test_artifact_and_config_disagreeing_on_a_shape_is_named(tmp_path, tiny_artifact, kernels):
+    import shutil
+
+    path = tmp_path / "a"
+    shutil.copytree(tiny_artifact, path)
+    config = json.loads((path / "config.json").read_text())
+    config["intermediate_size"] = 128
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ArtifactError, match="layers.0.mlp.down_proj.* the model needs \\[64, 128\\]"):
+        sparamx.load(path, kernels=kernels)
+
+
 def test_popcount_disagreeing_with_offsets_is_named(copy_of):
     path = copy_of()
 
