@@ -19,7 +19,7 @@ endif
 DEPS_STAMP := $(VENV)/.deps-installed
 BUILD_STAMP := $(VENV)/.ext-built
 
-.PHONY: help install prune test test-fast quality clean
+.PHONY: help install prune test test-fast bench-kernels quality clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
@@ -48,6 +48,9 @@ test: install  ## the whole suite, slow end-to-end tests on the real model inclu
 
 test-fast: install  ## the suite without the slow end-to-end tests
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+bench-kernels: install  ## kernel microbenchmark at Llama-3-8B shapes -> eval/results/kernels.{json,md,png}
+	$(PY) -m sparamx.eval.bench_kernels --out eval/results
 
 quality: install  ## ruff lint and format check
 	$(VENV)/bin/ruff check .

@@ -1,0 +1,184 @@
+"""Kernel microbenchmark at Llama-3-8B shapes: our bitmap bf16 linear beside torch F.linear (bf16, fp32).
+
+Decode streams weights from DRAM, so every op runs over a rotating set of weight copies larger than the last-level
+cache (--working-set-gb, default 2.5): each timed pass touches each copy once. Ops are interleaved within each repeat
+and the median of the repeats is reported, next to a measured memory-read bandwidth (a fp32 sum over the same kind of
+rotating set). Writes JSON, a markdown table and a PNG plot.
+
+    python -m sparamx.eval.bench_kernels --out eval/results        (make bench-kernels)
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from ..kernels import ops
+
+LLAMA3_8B = {
+    "q_proj/o_proj": (4096, 4096),
+    "k_proj/v_proj": (1024, 4096),
+    "gate/up": (14336, 4096),
+    "down": (4096, 14336),
+}
+
+
+def copies_for(nbytes: int, working_set: float) -> int:
+    return max(2, int(working_set * 2**30 // nbytes) + 1)
+
+
+def read_bandwidth(working_set: float, repeats: int) -> float:
+    chunk = 256 * 2**20 // 4
+    bufs = [torch.rand(chunk) for _ in range(copies_for(chunk * 4, working_set))]
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        for b in bufs:
+            b.sum()
+        times.append(time.perf_counter() - start)
+    return len(bufs) * chunk * 4 / statistics.median(times[1:])
+
+
+def time_pass(fn, count: int) -> float:
+    start = time.perf_counter()
+    for i in range(count):
+        fn(i)
+    return (time.perf_counter() - start) / count
+
+
+def bench_shape(name, n, k, sparsity, ms, working_set, repeats, gen):
+    count = copies_for(n * k * 4, working_set)  # sized by the fp32 copies, the largest
+    dense = []
+    for _ in range(count):
+        w = torch.randn(n, k, generator=gen)
+        w[torch.rand(n, k, generator=gen) < sparsity] = 0
+        dense.append(w)
+    bf16 = [w.bfloat16() for w in dense]
+    packed = [ops.bitmap_pack(w) for w in bf16]
+    nbytes = {"torch fp32": n * k * 4, "torch bf16": n * k * 2, "bitmap bf16": sum(t.nbytes for t in packed[0])}
+    rows = []
+    for m in ms:
+        x32 = torch.randn(m, k, generator=gen)
+        x16 = x32.bfloat16()
+        fns = {
+            "torch bf16": lambda i, x=x16: torch.nn.functional.linear(x, bf16[i]),
+            "torch fp32": lambda i, x=x32: torch.nn.functional.linear(x, dense[i]),
+            "bitmap bf16": lambda i, x=x16: ops.bitmap_linear(x, *packed[i], k),
+        }
+        for fn in fns.values():
+            time_pass(fn, count)  # warm-up
+        samples = {op: [] for op in fns}
+        for _ in range(repeats):
+            for op, fn in fns.items():
+                samples[op].append(time_pass(fn, count))
+        base = statistics.median(samples["torch bf16"])
+        for op, ts in samples.items():
+            t = statistics.median(ts)
+            rows.append(
+                {
+                    "layer": name,
+                    "shape": [n, k],
+                    "sparsity": sparsity,
+                    "m": m,
+                    "op": op,
+                    "ms": t * 1e3,
+                    "gbps": nbytes[op] / t / 1e9,
+                    "speedup_vs_torch_bf16": base / t,
+                    "copies": count,
+                }
+            )
+    return rows
+
+
+def markdown(rows, bandwidth) -> str:
+    lines = [
+        f"Measured read bandwidth: {bandwidth / 1e9:.1f} GB/s",
+        "",
+        "| layer | shape | sparsity | M | op | ms | GB/s | × torch bf16 | % of read BW |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['layer']} | {r['shape'][0]}×{r['shape'][1]} | {r['sparsity']:.1f} | {r['m']} | {r['op']} | "
+            f"{r['ms']:.3f} | {r['gbps']:.1f} | {r['speedup_vs_torch_bf16']:.2f} | "
+            f"{100 * r['gbps'] * 1e9 / bandwidth:.0f}% |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ours = [r for r in rows if r["op"] == "bitmap bf16"]
+    ms = sorted({r["m"] for r in ours})
+    fig, axes = plt.subplots(1, len(ms), figsize=(4 * len(ms), 3.5), sharey=True, squeeze=False)
+    for ax, m in zip(axes[0], ms, strict=True):
+        for layer in dict.fromkeys(r["layer"] for r in ours):
+            pts = sorted(
+                (r["sparsity"], r["speedup_vs_torch_bf16"]) for r in ours if r["m"] == m and r["layer"] == layer
+            )
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=layer)
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_title(f"M = {m}")
+        ax.set_xlabel("sparsity")
+    axes[0][0].set_ylabel("speed-up vs torch bf16")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("bitmap bf16 linear vs torch F.linear bf16 (weights streamed from DRAM)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def cpu_line() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        return platform.processor()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="eval/results", help="folder for kernels.json / kernels.md / kernels.png")
+    parser.add_argument("--shapes", nargs="*", help="NxK shapes instead of Llama-3-8B's (e.g. 4096x4096)")
+    parser.add_argument("--sparsities", nargs="*", type=float, default=[0.3, 0.5, 0.7])
+    parser.add_argument("--ms", nargs="*", type=int, default=[1, 4, 16, 64])
+    parser.add_argument("--working-set-gb", type=float, default=2.5)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    shapes = {s: tuple(int(v) for v in s.split("x")) for s in args.shapes} if args.shapes else LLAMA3_8B
+    gen = torch.Generator().manual_seed(0)
+    bandwidth = read_bandwidth(args.working_set_gb, args.repeats)
+    rows = []
+    for name, (n, k) in shapes.items():
+        for sparsity in args.sparsities:
+            rows += bench_shape(name, n, k, sparsity, args.ms, args.working_set_gb, args.repeats, gen)
+            print(f"{name} {n}x{k} sparsity {sparsity}: done", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "cpu": cpu_line(),
+        "threads": torch.get_num_threads(),
+        "isa": ops.isa(),
+        "torch": torch.__version__,
+        "working_set_gb": args.working_set_gb,
+        "repeats": args.repeats,
+        "read_bandwidth_gbps": bandwidth / 1e9,
+    }
+    (out / "kernels.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    header = f"CPU: {meta['cpu']}; {meta['threads']} threads; path {meta['isa']}; torch {meta['torch']}\n\n"
+    (out / "kernels.md").write_text(header + markdown(rows, bandwidth))
+    plot(rows, out / "kernels.png")
+    print(header + markdown(rows, bandwidth))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
