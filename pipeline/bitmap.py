@@ -29,8 +29,3 @@ def unpack_reference(compressed: Tensor, bitmask: Tensor, row_offsets: Tensor, i
 def mask_from_bitmask(bitmask: Tensor, in_features: int) -> Tensor:
     bits = (bitmask.unsqueeze(-1) & _BIT_WEIGHTS) != 0
     return bits.view(bitmask.shape[0], bitmask.shape[1] * 8)[:, :in_features]
-
-
-def packed_nbytes(rows: int, cols: int, nnz: int, value_bytes: int) -> int:
-    """Bytes of the canonical form: values + bitmask + row_offsets (+ the 2-element shape)."""
-    return nnz * value_bytes + rows * ((cols + 7) // 8) + rows * 8 + 16

@@ -1,6 +1,7 @@
 // y = x @ W^T (+ bias) with W in the canonical bitmap format (bf16 values), for decode-sized M.
-// AVX-512 path: per 32 columns, `vpexpandw` expand-loads the row's next popcount(mask) values straight into a
-// register (zeros where the bitmask is clear) and `vdpbf16ps` accumulates 32 products into 16 fp32 lanes.
+// AVX-512 path: for each 32 columns, `vpexpandw` expand-loads the row's next popcount(mask) values straight into a
+// register (zeros where the bitmask is clear) and `vdpbf16ps` accumulates 32 products into 16 fp32 lanes; the loop
+// takes two such chunks (64 columns) per step.
 // Reference path: unpack to dense and matmul in fp32 on bf16-rounded x. Both give y in x's dtype.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
