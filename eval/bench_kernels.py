@@ -1,4 +1,4 @@
-"""Kernel microbenchmark at Llama-3-8B shapes: our bitmap bf16 linear beside torch F.linear (bf16, fp32).
+"""Kernel microbenchmark at Llama-3-8B shapes: our four linear formats beside torch F.linear (bf16, fp32).
 
 Decode streams weights from DRAM, so every op runs over a rotating set of weight copies larger than the last-level
 cache (--working-set-gb, default 2.5): each timed pass touches each copy once. Ops are interleaved within each repeat
@@ -20,6 +20,7 @@ import torch
 
 from ..kernels import ops
 
+OURS = ("bitmap bf16", "bitmap int8", "dense bf16", "dense int8")
 LLAMA3_8B = {
     "q_proj/o_proj": (4096, 4096),
     "k_proj/v_proj": (1024, 4096),
@@ -51,16 +52,33 @@ def time_pass(fn, count: int) -> float:
     return (time.perf_counter() - start) / count
 
 
+def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel symmetric int8: w ~ scale * q, scale = absmax / 127."""
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+def packed_nbytes(tensors) -> int:
+    return sum(t.nbytes for t in tensors)
+
+
 def bench_shape(name, n, k, sparsity, ms, working_set, repeats, gen):
     count = copies_for(n * k * 4, working_set)  # sized by the fp32 copies, the largest
-    dense = []
+    dense, bf16, formats = [], [], {op: [] for op in OURS}
     for _ in range(count):
         w = torch.randn(n, k, generator=gen)
         w[torch.rand(n, k, generator=gen) < sparsity] = 0
         dense.append(w)
-    bf16 = [w.bfloat16() for w in dense]
-    packed = [ops.bitmap_pack(w) for w in bf16]
-    nbytes = {"torch fp32": n * k * 4, "torch bf16": n * k * 2, "bitmap bf16": sum(t.nbytes for t in packed[0])}
+        bf16.append(w.bfloat16())
+        q, scale = int8_rows(w)
+        formats["bitmap bf16"].append((ops.bitmap_prepack(*ops.bitmap_pack(bf16[-1]), k), None))
+        formats["bitmap int8"].append((ops.bitmap_prepack(*ops.bitmap_pack(q), k), scale))
+        formats["dense bf16"].append((ops.dense_prepack(bf16[-1]), None))
+        formats["dense int8"].append((ops.dense_prepack(q), scale))
+    nbytes = {"torch fp32": n * k * 4, "torch bf16": n * k * 2}
+    for op, copies in formats.items():
+        packed, scale = copies[0]
+        nbytes[op] = packed_nbytes(packed) + (scale.nbytes if scale is not None else 0)
     rows = []
     for m in ms:
         x32 = torch.randn(m, k, generator=gen)
@@ -68,8 +86,10 @@ def bench_shape(name, n, k, sparsity, ms, working_set, repeats, gen):
         fns = {
             "torch bf16": lambda i, x=x16: torch.nn.functional.linear(x, bf16[i]),
             "torch fp32": lambda i, x=x32: torch.nn.functional.linear(x, dense[i]),
-            "bitmap bf16": lambda i, x=x16: ops.bitmap_linear(x, *packed[i], k),
         }
+        for op, copies in formats.items():
+            linear = ops.bitmap_linear if op.startswith("bitmap") else ops.dense_linear
+            fns[op] = lambda i, x=x16, c=copies, f=linear: f(x, c[i][0], n, k, c[i][1])
         for fn in fns.values():
             time_pass(fn, count)  # warm-up
         samples = {op: [] for op in fns}
@@ -117,21 +137,23 @@ def plot(rows, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ours = [r for r in rows if r["op"] == "bitmap bf16"]
-    ms = sorted({r["m"] for r in ours})
+    ms = sorted({r["m"] for r in rows})
     fig, axes = plt.subplots(1, len(ms), figsize=(4 * len(ms), 3.5), sharey=True, squeeze=False)
     for ax, m in zip(axes[0], ms, strict=True):
-        for layer in dict.fromkeys(r["layer"] for r in ours):
-            pts = sorted(
-                (r["sparsity"], r["speedup_vs_torch_bf16"]) for r in ours if r["m"] == m and r["layer"] == layer
-            )
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=layer)
+        for op in OURS:
+            ours = [r for r in rows if r["m"] == m and r["op"] == op]
+            levels = sorted({r["sparsity"] for r in ours})
+            # One line per format: the median over the layer shapes at each sparsity.
+            speedup = [
+                statistics.median(r["speedup_vs_torch_bf16"] for r in ours if r["sparsity"] == s) for s in levels
+            ]
+            ax.plot(levels, speedup, marker="o", label=op)
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_title(f"M = {m}")
         ax.set_xlabel("sparsity")
-    axes[0][0].set_ylabel("speed-up vs torch bf16")
+    axes[0][0].set_ylabel("speed-up vs torch bf16 (median over shapes)")
     axes[0][0].legend(fontsize=7)
-    fig.suptitle("bitmap bf16 linear vs torch F.linear bf16 (weights streamed from DRAM)")
+    fig.suptitle("sparamx linears vs torch F.linear bf16 (weights streamed from DRAM)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -24,12 +24,43 @@ def bitmap_check(compressed: Tensor, bitmask: Tensor, row_offsets: Tensor, in_fe
     torch.ops.sparamx.bitmap_check.default(compressed, bitmask, row_offsets, in_features)
 
 
-def bitmap_linear(
-    x: Tensor, compressed: Tensor, bitmask: Tensor, row_offsets: Tensor, in_features: int, bias: Tensor | None = None
-) -> Tensor:
-    """y = x @ W^T (+ bias) with W in the canonical bitmap format (bf16 values); y has x's dtype."""
-    return torch.ops.sparamx.bitmap_linear.default(x, compressed, bitmask, row_offsets, in_features, bias, isa())
+def bitmap_prepack(
+    compressed: Tensor, bitmask: Tensor, row_offsets: Tensor, in_features: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Canonical bitmap tensors -> (values, masks, block_offsets, row_sums), the kernels' load-time layout."""
+    return torch.ops.sparamx.bitmap_prepack.default(compressed, bitmask, row_offsets, in_features)
 
+
+def dense_prepack(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Dense bf16 or int8 [out, in] -> (blocked values, row_sums), the kernels' load-time layout."""
+    return torch.ops.sparamx.dense_prepack.default(weight)
+
+
+def bitmap_linear(
+    x: Tensor,
+    packed: tuple[Tensor, Tensor, Tensor, Tensor],
+    out_features: int,
+    in_features: int,
+    weight_scale: Tensor | None = None,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """y = x @ W^T (+ bias), W given by bitmap_prepack's tensors (bf16, or int8 with weight_scale); y has x's dtype."""
+    return torch.ops.sparamx.bitmap_linear.default(x, *packed, out_features, in_features, weight_scale, bias, isa())
+
+
+def dense_linear(
+    x: Tensor,
+    packed: tuple[Tensor, Tensor],
+    out_features: int,
+    in_features: int,
+    weight_scale: Tensor | None = None,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """y = x @ W^T (+ bias), W given by dense_prepack's tensors (bf16, or int8 with weight_scale)."""
+    return torch.ops.sparamx.dense_linear.default(x, *packed, out_features, in_features, weight_scale, bias, isa())
+
+
+ROWS_PER_BLOCK = 4  # kRows of csrc/packed_format.h
 
 FEATURES = (
     "avx512f",
@@ -42,7 +73,8 @@ FEATURES = (
     "amx_bf16",
     "amx_int8",
 )
-AVX512_KERNEL_FEATURES = {"avx512f", "avx512bw", "avx512vl", "avx512_vbmi2", "avx512_bf16"}
+# Must match has_avx512_kernels() in csrc/cpu_features.cpp.
+AVX512_KERNEL_FEATURES = {"avx512f", "avx512bw", "avx512vl", "avx512_vbmi2", "avx512_vnni", "avx512_bf16"}
 ISAS = ("reference", "avx512")
 
 
@@ -71,8 +103,35 @@ def isa() -> str:
 
 
 @torch.library.register_fake("sparamx::bitmap_linear")
-def _(x, compressed, bitmask, row_offsets, in_features, bias=None, isa="auto"):
-    return x.new_empty((*x.shape[:-1], bitmask.shape[0]))
+def _(x, values, masks, block_offsets, row_sums, out_features, in_features, weight_scale=None, bias=None, isa="auto"):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+@torch.library.register_fake("sparamx::dense_linear")
+def _(x, values, row_sums, out_features, in_features, weight_scale=None, bias=None, isa="auto"):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+@torch.library.register_fake("sparamx::bitmap_prepack")
+def _(compressed, bitmask, row_offsets, in_features):
+    chunk = 64 if compressed.dtype == torch.int8 else 32
+    blocks, chunks = -(-bitmask.shape[0] // ROWS_PER_BLOCK), -(-in_features // chunk)
+    return (
+        compressed.new_empty((compressed.shape[0] + chunk,)),
+        bitmask.new_empty((blocks, chunks, ROWS_PER_BLOCK * chunk // 8)),
+        row_offsets.new_empty((blocks + 1,)),
+        row_offsets.new_empty((blocks * ROWS_PER_BLOCK if compressed.dtype == torch.int8 else 0,), dtype=torch.int32),
+    )
+
+
+@torch.library.register_fake("sparamx::dense_prepack")
+def _(weight):
+    chunk = 64 if weight.dtype == torch.int8 else 32
+    blocks, chunks = -(-weight.shape[0] // ROWS_PER_BLOCK), -(-weight.shape[1] // chunk)
+    return (
+        weight.new_empty((blocks, chunks, ROWS_PER_BLOCK, chunk)),
+        weight.new_empty((blocks * ROWS_PER_BLOCK if weight.dtype == torch.int8 else 0,), dtype=torch.int32),
+    )
 
 
 @torch.library.register_fake("sparamx::bitmap_pack")

@@ -51,8 +51,8 @@ int64_t cpu_features() {
   return features;
 }
 
-bool has_avx512_bitmap_kernels() {
-  constexpr int64_t need = kAvx512F | kAvx512BW | kAvx512VL | kAvx512Vbmi2 | kAvx512Bf16;
+bool has_avx512_kernels() {
+  constexpr int64_t need = kAvx512F | kAvx512BW | kAvx512VL | kAvx512Vbmi2 | kAvx512Vnni | kAvx512Bf16;
   return (cpu_features() & need) == need;
 }
 

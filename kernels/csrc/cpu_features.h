@@ -17,6 +17,7 @@ enum CpuFeature : int64_t {
 };
 
 int64_t cpu_features();
-bool has_avx512_bitmap_kernels();
+// AVX-512 F/BW/VL/VBMI2/VNNI/BF16: what the expand-load kernels of linear.cpp use.
+bool has_avx512_kernels();
 
 }  // namespace sparamx

@@ -19,9 +19,17 @@ TORCH_LIBRARY(sparamx, m) {
   m.def("bitmap_unpack(Tensor compressed, Tensor bitmask, Tensor row_offsets, int in_features) -> Tensor");
   // Raises unless the three tensors are a consistent bitmap of in_features columns (popcounts, offsets, tail bits).
   m.def("bitmap_check(Tensor compressed, Tensor bitmask, Tensor row_offsets, int in_features) -> ()");
-  // y = x @ W^T (+ bias), W given by the canonical bitmap tensors (bf16 values). isa: auto | reference | avx512.
-  m.def("bitmap_linear(Tensor x, Tensor compressed, Tensor bitmask, Tensor row_offsets, int in_features, "
-        "Tensor? bias=None, str isa='auto') -> Tensor");
+  // Canonical tensors -> the kernels' blocked layout (packed_format.h), derived at load time, never stored:
+  // (values, masks, block_offsets, row_sums). Validates the canonical tensors first. values: bf16 or int8.
+  m.def("bitmap_prepack(Tensor compressed, Tensor bitmask, Tensor row_offsets, int in_features) -> "
+        "(Tensor values, Tensor masks, Tensor block_offsets, Tensor row_sums)");
+  m.def("dense_prepack(Tensor weight) -> (Tensor values, Tensor row_sums)");
+  // y = x @ W^T (+ bias) on prepacked weights; y has x's dtype. int8 weights need weight_scale [out] (w = scale * q)
+  // and quantize x per row to uint8 on the fly. isa: auto | reference | avx512.
+  m.def("bitmap_linear(Tensor x, Tensor values, Tensor masks, Tensor block_offsets, Tensor row_sums, "
+        "int out_features, int in_features, Tensor? weight_scale=None, Tensor? bias=None, str isa='auto') -> Tensor");
+  m.def("dense_linear(Tensor x, Tensor values, Tensor row_sums, int out_features, int in_features, "
+        "Tensor? weight_scale=None, Tensor? bias=None, str isa='auto') -> Tensor");
   // Bit set of the CPU features detected once per process (see csrc/cpu_features.h).
   m.def("cpu_features() -> int", &sparamx::cpu_features);
 }

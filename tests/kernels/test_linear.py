@@ -1,0 +1,231 @@
+"""The four linear formats (bitmap / dense x bf16 / int8) against Python references, on every ISA path available."""
+
+import pytest
+import torch
+
+from sparamx.kernels import ops
+from sparamx.kernels.modules import DenseLinear, SparseLinear
+
+ISAS = ops.available_isas()
+FORMATS = ("bitmap bf16", "bitmap int8", "dense bf16", "dense int8")
+SHAPES = [(576, 576), (33, 7), (1000, 17), (31, 4), (64, 9), (100, 50), (1, 3), (4096, 5), (129, 1)]  # (K, N)
+SPARSITIES = [0.0, 0.3, 0.5, 0.9, 1.0]
+MS = [1, 2, 3, 16, 17, 64, 300]
+
+
+def random_weight(n, k, sparsity, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen)
+    w[torch.rand(n, k, generator=gen) < sparsity] = 0
+    return w
+
+
+def quantize_rows(w):
+    """Per-output-channel symmetric int8, scale = absmax / 127 (a zero row gets scale 1)."""
+    scale = w.abs().amax(dim=1) / 127
+    scale[scale == 0] = 1
+    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+def quantize_activations(x):
+    """What the int8 kernels do to x, per row: asymmetric uint8 with an exact zero, rounding half to even."""
+    x = x.float()
+    lo, hi = x.amin(-1).clamp(max=0), x.amax(-1).clamp(min=0)
+    scale = (hi - lo) / 255
+    scale[scale == 0] = 1
+    zero = torch.round(-lo / scale).clamp(0, 255)
+    return (torch.round(x / scale[:, None]) + zero[:, None]).clamp(0, 255), scale, zero
+
+
+class Case:
+    """One weight in one format: its packed tensors, the op that runs them, and the Python reference."""
+
+    def __init__(self, fmt, w, bias=None):
+        self.fmt, self.n, self.k, self.bias = fmt, *w.shape, bias
+        self.int8 = fmt.endswith("int8")
+        if self.int8:
+            self.weight, self.scale = quantize_rows(w)
+        else:
+            self.weight, self.scale = w.bfloat16(), None
+        if fmt.startswith("bitmap"):
+            self.packed = ops.bitmap_prepack(*ops.bitmap_pack(self.weight), self.k)
+            self.op = torch.ops.sparamx.bitmap_linear.default
+        else:
+            self.packed = ops.dense_prepack(self.weight)
+            self.op = torch.ops.sparamx.dense_linear.default
+
+    def run(self, x, isa=None):
+        return self.op(x, *self.packed, self.n, self.k, self.scale, self.bias, isa or ops.isa())
+
+    def check(self, x, y):
+        x2 = x.reshape(-1, self.k)
+        bias = self.bias.double() if self.bias is not None else 0
+        if self.int8:  # exact integer dot products, then the kernel's fp32 epilogue: equal up to fp32 rounding
+            q, sx, z = quantize_activations(x2)
+            w = self.weight.double()
+            dots = (q.double() @ w.T - z.double()[:, None] * w.sum(1)[None, :]).float()
+            ref = ((sx[:, None] * self.scale[None, :]) * dots).double() + bias
+            magnitude = q.double() @ w.abs().T + 255 * w.abs().sum(1)
+            slack = 1e-6 * (sx[:, None] * self.scale[None, :]).double() * magnitude
+        else:  # fp64 matmul of the same bf16 operands: only the summation order may differ
+            xb, w = x2.bfloat16().double(), self.weight.double()
+            ref = xb @ w.T + bias
+            slack = 2e-6 * (xb.abs() @ w.abs().T)
+        if y.dtype == torch.bfloat16:
+            slack = slack + 2.0**-8 * ref.abs()
+        assert y.shape == (*x.shape[:-1], self.n) and y.dtype == x.dtype
+        assert ((y.reshape(-1, self.n).double() - ref).abs() <= slack + 1e-6).all()
+
+
+# Dense formats do not look at sparsity: two levels suffice for them.
+FORMAT_SPARSITY = [(f, s) for f in FORMATS for s in (SPARSITIES if f.startswith("bitmap") else (0.0, 0.5))]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt, sparsity", FORMAT_SPARSITY)
+@pytest.mark.parametrize("k, n", SHAPES)
+def test_matches_reference_on_awkward_shapes(isa, fmt, sparsity, k, n):
+    w = random_weight(n, k, sparsity, seed=k * 31 + n)
+    for m, dtype, with_bias in [(1, torch.bfloat16, False), (3, torch.float32, True), (17, torch.bfloat16, True)]:
+        case = Case(fmt, w, torch.randn(n) if with_bias else None)
+        x = torch.randn(m, k).to(dtype)
+        case.check(x, case.run(x, isa))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("m", MS)
+def test_every_decode_and_batch_size(isa, fmt, m):
+    case = Case(fmt, random_weight(50, 200, 0.5, seed=m))
+    x = torch.randn(m, 200) * 3
+    case.check(x, case.run(x, isa))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_leading_dims_empty_batch_and_threads(fmt):
+    case = Case(fmt, random_weight(301, 777, 0.6), torch.randn(301))
+    x = torch.randn(2, 3, 777)
+    y = case.run(x)
+    case.check(x, y)
+    assert torch.equal(y.reshape(6, 301), case.run(x.reshape(6, 777)))
+    assert case.run(torch.randn(0, 777)).shape == (0, 301)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = case.run(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(single, y)  # each output is summed by one thread in a fixed order
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_paths_agree(fmt):
+    case = Case(fmt, random_weight(37, 333, 0.5))
+    x = torch.randn(5, 333)
+    ys = [case.run(x, isa) for isa in ISAS]
+    for y in ys[1:]:
+        assert torch.allclose(ys[0], y, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_opcheck(fmt):
+    case = Case(fmt, random_weight(9, 70, 0.5), torch.randn(9))
+    args = (torch.randn(3, 70), *case.packed, 9, 70, case.scale, case.bias, ops.isa())
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(case.op, args, test_utils=utils)
+    w = case.weight
+    if fmt.startswith("bitmap"):
+        torch.library.opcheck(torch.ops.sparamx.bitmap_prepack.default, (*ops.bitmap_pack(w), 70), test_utils=utils)
+    else:
+        torch.library.opcheck(torch.ops.sparamx.dense_prepack.default, (w,), test_utils=utils)
+
+
+def test_prepack_preserves_the_weight():
+    """Prepacked bitmap -> dense (the reference path's reconstruction) is the original weight, for both dtypes."""
+    for fmt in ("bitmap bf16", "bitmap int8"):
+        for k, n in [(33, 7), (64, 9), (129, 5)]:
+            case = Case(fmt, random_weight(n, k, 0.5))
+            eye = torch.eye(k)
+            y = case.run(eye, "reference")  # column j of W^T is W[:, j] (scaled for int8)
+            expected = case.weight.float() * (case.scale[:, None] if case.int8 else 1)
+            if case.int8:
+                assert torch.allclose(y.T, expected, rtol=1e-2, atol=2 * case.scale.max().item())
+            else:
+                assert torch.equal(y.T, expected)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", ("bitmap bf16", "bitmap int8"))
+def test_inconsistent_masks_are_an_error_not_a_crash(isa, fmt):
+    case = Case(fmt, random_weight(6, 130, 0.5))
+    values, masks, offsets, sums = case.packed
+    bad = masks.clone()
+    bad[0, 0, 0] ^= 0xFF  # block 0 now claims a different number of values than block_offsets says
+    with pytest.raises(RuntimeError, match="popcounts disagree"):
+        case.op(torch.randn(1, 130), values, bad, offsets, sums, 6, 130, case.scale, None, isa)
+    full = torch.full_like(masks, 0xFF)  # every bit set: asks for far more values than exist
+    with pytest.raises(RuntimeError, match="popcounts disagree"):
+        case.op(torch.randn(2, 130), values, full, offsets, sums, 6, 130, case.scale, None, isa)
+    with pytest.raises(RuntimeError, match="block_offsets must run from 0"):
+        case.op(torch.randn(1, 130), values[:-3].clone(), masks, offsets, sums, 6, 130, case.scale, None, isa)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(x=torch.randn(1, 69)), "x must be \\[..., 70\\]"),
+        (dict(x=torch.ones(1, 70, dtype=torch.int32)), "x must be float32 or bfloat16"),
+        (dict(values=lambda v: v.float()), "values must be bfloat16 or int8"),
+        (dict(bias=torch.randn(5)), "bias must be \\[6\\]"),
+        (dict(masks=lambda m: m[:1]), "masks must be contiguous uint8 \\[2, 3, 16\\]"),
+        (dict(block_offsets=lambda b: b[:-1]), "block_offsets must be contiguous int64 \\[3\\]"),
+        (dict(weight_scale=torch.ones(6)), "weight_scale is only for int8"),
+        (dict(out_features=9), "masks must be contiguous uint8"),  # 3 blocks of 4 rows, not 2
+        (dict(isa="amx512"), "isa must be auto, reference or avx512"),
+    ],
+)
+def test_bad_arguments_are_named(change, message):
+    case = Case("bitmap bf16", random_weight(6, 70, 0.5))
+    args = dict(zip(("values", "masks", "block_offsets", "row_sums"), case.packed, strict=True))
+    args = dict(x=torch.randn(1, 70), **args, out_features=6, in_features=70, weight_scale=None, bias=None, isa="auto")
+    for key, value in change.items():
+        args[key] = value(args[key]) if callable(value) else value
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.sparamx.bitmap_linear.default(*args.values())
+
+
+def test_int8_needs_its_scale_and_rejects_non_finite_activations():
+    case = Case("dense int8", random_weight(6, 70, 0.0))
+    with pytest.raises(RuntimeError, match="weight_scale with 6 elements"):
+        case.op(torch.randn(1, 70), *case.packed, 6, 70, None, None, "auto")
+    x = torch.randn(2, 70)
+    x[1, 5] = float("nan")
+    with pytest.raises(RuntimeError, match="inf or nan"):
+        case.run(x)
+
+
+def test_modules_match_the_ops_and_nn_linear():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(130, 20)
+    with torch.no_grad():
+        linear.weight[torch.rand(20, 130) < 0.5] = 0
+    x = torch.randn(4, 130)
+    for module in (SparseLinear.from_linear(linear), DenseLinear.from_linear(linear)):
+        assert torch.allclose(module(x), linear(x), rtol=2e-2, atol=3e-2)  # bf16 weights and activations
+        assert "weights=bf16" in repr(module)
+    q, scale = quantize_rows(linear.weight.detach())
+    int8 = DenseLinear(q, linear.bias.detach(), scale)
+    assert int8.int8 and torch.allclose(int8(x), linear(x), rtol=5e-2, atol=5e-2)
+    with pytest.raises(ValueError, match="weight_scale of 20"):
+        DenseLinear(q, None, None)
+
+
+def test_isa_selection(monkeypatch):
+    monkeypatch.delenv("SPARAMX_ISA", raising=False)
+    assert ops.isa() == ops.available_isas()[-1]
+    monkeypatch.setenv("SPARAMX_ISA", "reference")
+    assert ops.isa() == "reference"
+    monkeypatch.setenv("SPARAMX_ISA", "sse2")
+    with pytest.raises(ValueError, match="SPARAMX_ISA='sse2'"):
+        ops.isa()
+    assert "avx512f" in ops.cpu_features() or ops.available_isas() == ("reference",)
