@@ -4,17 +4,27 @@ from pathlib import Path
 
 import torch
 
-from ..pipeline.artifact import PACKED_KEYS, checked_packed, dense_tensors, read_manifest, read_tensors
+from ..pipeline.artifact import (
+    PACKED_KEYS,
+    checked_packed,
+    dense_tensors,
+    int8_dense_weights,
+    read_manifest,
+    read_tensors,
+)
 from ..pipeline.errors import ArtifactError
+from ..pipeline.models import decoder_layers, linear_modules
 from . import ops
-from .modules import SparseLinear
+from .modules import DenseLinear, SparseLinear
 
 
 def load(path: str | Path, dtype: torch.dtype = torch.bfloat16, verify: bool = True, kernels: bool = True):
     """Load the artifact at `path` -> (model, tokenizer).
 
-    kernels=True: packed linears become SparseLinear modules running our kernels (weights stay packed).
-    kernels=False: they are unpacked into dense nn.Linear weights (the reference the kernels are tested against).
+    kernels=True: every decoder linear runs on our kernels: bitmap ones as SparseLinear (weights stay packed), dense
+    ones as DenseLinear; int8 ones on the int8 kernels. lm_head and embeddings stay torch modules.
+    kernels=False: packed linears are unpacked (and int8 ones dequantized) into dense nn.Linear weights, the reference
+    the kernels are tested against.
     `verify` checks each file's sha256 first.
     """
     from accelerate import init_empty_weights
@@ -34,24 +44,18 @@ def load(path: str | Path, dtype: torch.dtype = torch.bfloat16, verify: bool = T
     packed: set[str] = set()
     if kernels:
         state = {name: t for name, (_, t) in tensors.items()}
-        for prefix, args, cols, _ in checked_packed(tensors, ops.bitmap_check):
-            try:
-                linear = model.get_submodule(prefix)
-            except AttributeError:
-                linear = None
-            if not isinstance(linear, torch.nn.Linear):
-                raise ArtifactError(
-                    f"{path}: packed tensor {prefix} does not name a linear of a {config.model_type} model"
-                )
-            if (args[1].shape[0], cols) != (linear.out_features, linear.in_features):
-                raise ArtifactError(
-                    f"{path}: packed tensor {prefix} is [{args[1].shape[0]}, {cols}], "
-                    f"the model needs [{linear.out_features}, {linear.in_features}]"
-                )
+        for prefix, args, cols, scale, _ in checked_packed(tensors, ops.bitmap_check):
+            _check_target(model, config, path, prefix, (args[1].shape[0], cols))
             for key in PACKED_KEYS:
                 del state[f"{prefix}.{key}"]
+            state.pop(f"{prefix}.weight_scale", None)
             bias = state.pop(f"{prefix}.bias", None)
-            model.set_submodule(prefix, SparseLinear(*args, cols, bias.to(dtype) if bias is not None else None))
+            model.set_submodule(prefix, SparseLinear(*args, cols, bias, scale))
+            packed.add(prefix)
+        for prefix, q, scale in list(int8_dense_weights(tensors)):
+            _check_target(model, config, path, prefix, tuple(q.shape))
+            del state[f"{prefix}.weight"], state[f"{prefix}.weight_scale"]
+            model.set_submodule(prefix, DenseLinear(q, state.pop(f"{prefix}.bias", None), scale))
             packed.add(prefix)
     else:
         state = dense_tensors(tensors, ops.bitmap_unpack)
@@ -72,6 +76,26 @@ def load(path: str | Path, dtype: torch.dtype = torch.bfloat16, verify: bool = T
         state[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
+    if kernels:  # the decoder linears stored dense in bf16 run on the dense kernel too
+        for i, layer in enumerate(decoder_layers(model)):
+            for name, linear in linear_modules(layer, f"model.layers.{i}").items():
+                if isinstance(linear, torch.nn.Linear):
+                    model.set_submodule(name, DenseLinear.from_linear(linear))
     model.eval()
     model.sparamx_manifest = manifest
     return model, AutoTokenizer.from_pretrained(path)
+
+
+def _check_target(model, config, path: Path, prefix: str, shape: tuple[int, int]) -> None:
+    """The stored linear `prefix` must name an nn.Linear of the model with the same [out, in]."""
+    try:
+        linear = model.get_submodule(prefix)
+    except AttributeError:
+        linear = None
+    if not isinstance(linear, torch.nn.Linear):
+        raise ArtifactError(f"{path}: packed tensor {prefix} does not name a linear of a {config.model_type} model")
+    if tuple(shape) != (linear.out_features, linear.in_features):
+        raise ArtifactError(
+            f"{path}: packed tensor {prefix} is [{shape[0]}, {shape[1]}], "
+            f"the model needs [{linear.out_features}, {linear.in_features}]"
+        )

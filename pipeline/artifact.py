@@ -18,10 +18,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import ArtifactError
+from .quantize import dequantize, quantize_per_channel
 
 FORMAT = "sparamx-artifact"
 VERSION = "1.0"
 MANIFEST = "sparamx.json"
+VALUE_BYTES = {"bfloat16": 2, "int8": 1}
 PACKED_KEYS = ("shape", "compressed", "bitmask", "row_offsets")
 MAX_SHARD = "5GB"
 
@@ -38,7 +40,8 @@ def compression_config(records: list[dict], structure: str) -> dict:
     """The compressed-tensors style quantization_config that config.json carries."""
     total = sum(r["shape"][0] * r["shape"][1] for r in records)
     nonzero = sum(r["nnz"] for r in records)
-    return {
+    int8 = sorted(r["name"] for r in records if r["dtype"] == "int8")
+    config = {
         "quant_method": "compressed-tensors",
         "format": "sparse-bitmask",
         "quantization_status": "compressed",
@@ -52,12 +55,40 @@ def compression_config(records: list[dict], structure: str) -> dict:
             "registry_requires_subclass": False,
         },
     }
+    if int8:
+        config["format"] = "int-quantized"
+        config["ignore"] = ["lm_head"]
+        config["config_groups"] = {
+            "group_0": {
+                "targets": int8,
+                "weights": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "dynamic": False},
+                "input_activations": {
+                    "num_bits": 8,
+                    "type": "int",
+                    "symmetric": False,
+                    "strategy": "token",
+                    "dynamic": True,
+                },
+            }
+        }
+    return config
 
 
-def artifact_state_dict(model, packed: set[str], pack: Callable, dtype=torch.bfloat16) -> dict[str, torch.Tensor]:
-    """Tensors to store: packed linears as P.shape/compressed/bitmask/row_offsets, the rest cast to `dtype`.
+def packed_bytes(rows: int, cols: int, nnz: int, dtype: str) -> int:
+    """Bytes of one linear in the bitmap format: values, bitmask, row_offsets."""
+    return nnz * VALUE_BYTES[dtype] + rows * ((cols + 7) // 8) + rows * 8
 
-    A tensor sharing storage with one already stored (tied lm_head) is left out; the loader re-ties it.
+
+def storage_kind(rows: int, cols: int, nnz: int, dtype: str) -> str:
+    """bitmap when it is fewer bytes than the dense weight, else dense (a 5%-sparse layer is not worth a bitmap)."""
+    return "bitmap" if packed_bytes(rows, cols, nnz, dtype) < rows * cols * VALUE_BYTES[dtype] else "dense"
+
+
+def artifact_state_dict(model, layouts: dict[str, tuple[str, str]], pack: Callable) -> dict[str, torch.Tensor]:
+    """Tensors to store. layouts maps a linear's name to (kind, dtype): kind bitmap -> P.shape/compressed/bitmask/
+    row_offsets, dense -> P.weight; dtype int8 -> int8 values plus P.weight_scale [out, 1] float32 (per-channel
+    symmetric). Everything else is stored in bf16. A tensor sharing storage with one already stored (tied lm_head) is
+    left out; the loader re-ties it.
     """
     out: dict[str, torch.Tensor] = {}
     seen: set[tuple[int, tuple]] = set()
@@ -67,15 +98,24 @@ def artifact_state_dict(model, packed: set[str], pack: Callable, dtype=torch.bfl
             continue
         seen.add(key)
         prefix = name.removesuffix(".weight")
-        value = tensor.to(dtype) if tensor.is_floating_point() else tensor
-        if name.endswith(".weight") and prefix in packed:
+        value = tensor.to(torch.bfloat16) if tensor.is_floating_point() else tensor
+        if not (name.endswith(".weight") and prefix in layouts):
+            out[name] = value.contiguous()
+            continue
+        kind, dtype = layouts[prefix]
+        stored = value.contiguous()
+        if dtype == "int8":
+            stored, scale = quantize_per_channel(tensor)
+            out[f"{prefix}.weight_scale"] = scale.reshape(-1, 1).contiguous()
+        if kind == "bitmap":
             compressed, bitmask, row_offsets = pack(value.contiguous())
             out[f"{prefix}.shape"] = torch.tensor(list(value.shape), dtype=torch.int64)
-            out[f"{prefix}.compressed"] = compressed
+            # The pruning mask decides what is stored: an int8 value that rounded to 0 is kept as a 0.
+            out[f"{prefix}.compressed"] = stored[value != 0] if dtype == "int8" else compressed
             out[f"{prefix}.bitmask"] = bitmask
             out[f"{prefix}.row_offsets"] = row_offsets
         else:
-            out[name] = value.contiguous()
+            out[name] = stored
     return out
 
 
@@ -208,29 +248,69 @@ def check_packed(prefix: str, tensors: dict) -> tuple[int, int]:
     compressed = tensors[f"{prefix}.compressed"][1]
     if compressed.dim() != 1:
         raise ArtifactError(f"{where}.compressed must be 1-D, got shape {list(compressed.shape)}")
+    if compressed.dtype not in (torch.bfloat16, torch.float16, torch.float32, torch.int8):
+        raise ArtifactError(f"{where}.compressed must be bfloat16, float16, float32 or int8, got {compressed.dtype}")
     return rows, cols
 
 
+def weight_scale(tensors: dict, prefix: str, values: torch.Tensor, rows: int) -> torch.Tensor | None:
+    """P.weight_scale as float32 [rows] when `values` (P.compressed or P.weight) are int8; None for float values.
+
+    int8 values without a scale, a scale beside float values, or a scale of the wrong shape or sign are errors.
+    """
+    entry = tensors.get(f"{prefix}.weight_scale")
+    if values.dtype != torch.int8:
+        if entry is not None:
+            raise ArtifactError(f"{entry[0]}: tensor {prefix}.weight_scale given, but {prefix}'s values are not int8")
+        return None
+    if entry is None:
+        raise ArtifactError(f"tensor {prefix}.weight_scale is missing ({prefix} has int8 values)")
+    file, scale = entry
+    if not scale.is_floating_point() or scale.numel() != rows or scale.dim() not in (1, 2):
+        raise ArtifactError(
+            f"{file}: tensor {prefix}.weight_scale must be float [{rows}, 1], got {scale.dtype} {list(scale.shape)}"
+        )
+    scale = scale.reshape(-1).float()
+    if not bool((torch.isfinite(scale) & (scale > 0)).all()):
+        raise ArtifactError(f"{file}: tensor {prefix}.weight_scale must be finite and positive")
+    return scale
+
+
 def checked_packed(tensors: dict, check: Callable):
-    """Yield (prefix, (compressed, bitmask, row_offsets), in_features) for each packed linear, after the Python shape
-    checks and `check` (a C++ op that raises on inconsistent popcounts), with errors naming the file and tensor."""
+    """Yield (prefix, (compressed, bitmask, row_offsets), in_features, scale, check's result) for each packed linear,
+    after the Python shape checks and `check` (a C++ op that raises on inconsistent popcounts), with errors naming
+    the file and tensor. scale is P.weight_scale as float32 [out] for int8 values, else None."""
     for prefix in packed_prefixes(tensors):
         rows, cols = check_packed(prefix, tensors)
         file = tensors[f"{prefix}.bitmask"][0]
         args = tuple(tensors[f"{prefix}.{k}"][1] for k in ("compressed", "bitmask", "row_offsets"))
+        scale = weight_scale(tensors, prefix, args[0], rows)
         try:
             result = check(*args, cols)
         except RuntimeError as exc:
             message = str(exc).splitlines()[0]
             raise ArtifactError(f"{file}: packed tensor {prefix} is inconsistent: {message}") from exc
-        yield prefix, args, cols, result
+        yield prefix, args, cols, scale, result
+
+
+def int8_dense_weights(tensors: dict):
+    """Yield (prefix, q, scale) for each dense int8 P.weight (with its checked P.weight_scale)."""
+    for name, (_, tensor) in tensors.items():
+        if name.endswith(".weight") and tensor.dtype == torch.int8:
+            prefix = name.removesuffix(".weight")
+            yield prefix, tensor, weight_scale(tensors, prefix, tensor, tensor.shape[0])
 
 
 def dense_tensors(tensors: dict, unpack: Callable) -> dict[str, torch.Tensor]:
-    """Replace each packed linear with its dense `P.weight` through `unpack` (the C++ op); the rest pass through."""
+    """Replace each packed linear with its dense `P.weight` through `unpack` (the C++ op), and dequantize int8 weights
+    (w = scale * q, float32); the rest pass through."""
     dense = {name: t for name, (_, t) in tensors.items()}
-    for prefix, _, _, weight in checked_packed(tensors, unpack):
-        dense[f"{prefix}.weight"] = weight
+    for prefix, _, _, scale, weight in checked_packed(tensors, unpack):
+        dense[f"{prefix}.weight"] = dequantize(weight, scale) if scale is not None else weight
         for key in PACKED_KEYS:
             del dense[f"{prefix}.{key}"]
+        dense.pop(f"{prefix}.weight_scale", None)
+    for prefix, q, scale in list(int8_dense_weights(tensors)):
+        dense[f"{prefix}.weight"] = dequantize(q, scale)
+        del dense[f"{prefix}.weight_scale"]
     return dense

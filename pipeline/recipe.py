@@ -15,6 +15,7 @@ from .errors import RecipeError
 
 METHODS = ("magnitude", "wanda")
 GROUPS = ("row", "layer")
+WEIGHT_FORMATS = ("bf16", "int8")
 _NM = re.compile(r"^(\d+):(\d+)$")
 
 
@@ -98,10 +99,22 @@ class PruneConfig:
 
 
 @dataclass
+class QuantizeConfig:
+    """How decoder linears are stored after pruning. lm_head and embeddings stay bf16."""
+
+    weights: str = "bf16"  # bf16 | int8 (per output channel, symmetric, scale = absmax / 127)
+
+    def __post_init__(self):
+        if self.weights not in WEIGHT_FORMATS:
+            raise RecipeError(f"quantize.weights must be one of {', '.join(WEIGHT_FORMATS)}, got {self.weights!r}")
+
+
+@dataclass
 class Recipe:
     name: str
     description: str = ""
     prune: PruneConfig = field(default_factory=PruneConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
     def __post_init__(self):

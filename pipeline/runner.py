@@ -1,4 +1,4 @@
-"""The stage runner: resolve model -> calibrate -> prune -> pack -> write artifact. `sparamx.compress` is this."""
+"""The stage runner: model -> calibrate -> prune -> quantize + pack -> write artifact. `sparamx.compress` is this."""
 
 import datetime
 import platform
@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from .artifact import artifact_state_dict, save_config, write_artifact
+from .artifact import artifact_state_dict, save_config, storage_kind, write_artifact
 from .errors import ArtifactError
 from .layerwise import prune_layerwise
 from .models import load_config, load_model, load_tokenizer, resolve_model
@@ -60,11 +60,12 @@ def compress(
     start = time.perf_counter()
     from ..kernels.ops import bitmap_pack
 
+    dtype = "int8" if recipe.quantize.weights == "int8" else "bfloat16"
     for record in records:
-        record["kind"] = "bitmap" if record["nnz"] < record["shape"][0] * record["shape"][1] else "dense"
-        record["dtype"] = "bfloat16"
+        record["kind"] = storage_kind(*record["shape"], record["nnz"], dtype)
+        record["dtype"] = dtype
     packed = {r["name"] for r in records if r["kind"] == "bitmap"}
-    tensors = artifact_state_dict(llm, packed, bitmap_pack)
+    tensors = artifact_state_dict(llm, {r["name"]: (r["kind"], r["dtype"]) for r in records}, bitmap_pack)
     structure = recipe.prune.pattern if recipe.prune.nm else "unstructured"
     manifest = {
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -95,5 +96,6 @@ def compress(
         "linears": len(records),
         "packed": len(packed),
         "sparsity": 1.0 - sum(r["nnz"] for r in records) / total,
+        "weights": dtype,
         "timings": timings,
     }

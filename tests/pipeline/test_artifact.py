@@ -1,4 +1,5 @@
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -6,11 +7,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import sparamx
-from sparamx.kernels.modules import SparseLinear
+from sparamx.kernels.modules import DenseLinear, SparseLinear
 from sparamx.pipeline import artifact
 from sparamx.pipeline.artifact import MANIFEST, sha256_file
 from sparamx.pipeline.errors import ArtifactError
-from sparamx.pipeline.recipe import PruneConfig, Recipe
+from sparamx.pipeline.layerwise import prune_layerwise
+from sparamx.pipeline.models import load_model, resolve_model
+from sparamx.pipeline.quantize import dequantize, quantize_per_channel, sqnr_db
+from sparamx.pipeline.recipe import PruneConfig, Recipe, load_recipe
 
 MAGNITUDE = Recipe(name="magnitude-50", prune=PruneConfig(method="magnitude", sparsity=0.5))
 PREFIX = "model.layers.0.mlp.up_proj"
@@ -229,6 +233,98 @@ def test_unpruned_layers_are_stored_dense(tmp_path, tiny_model_dir):
     assert f"{PREFIX}.bitmask" in tensors
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert "model.layers.1.mlp.up_proj" in config["quantization_config"]["sparsity_config"]["ignore"]
-    model, _ = sparamx.load(tmp_path / "m")
+    model, _ = sparamx.load(tmp_path / "m", kernels=False)
     assert (model.model.layers[1].mlp.up_proj.weight != 0).all()
+    model, _ = sparamx.load(tmp_path / "m")
+    assert isinstance(model.model.layers[1].mlp.up_proj, DenseLinear)  # dense layers run on the dense kernel
     assert isinstance(model.model.layers[0].mlp.up_proj, SparseLinear)
+
+
+# ---- INT8 artifacts (bitmap and dense)
+
+
+@pytest.fixture(scope="module")
+def int8_artifacts(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("int8")
+    out = {}
+    for name in ("magnitude-50-int8", "int8"):
+        out[name] = root / name
+        report = sparamx.compress(str(tiny_model_dir), f"recipes/{name}.yaml", out=out[name], progress=False)
+        assert report["weights"] == "int8" and report["linears"] == 14
+    return out
+
+
+def reference_model(tiny_model_dir, recipe_name):
+    """The source, pruned as the recipe says, every decoder linear replaced by its int8 dequantization (bf16)."""
+    model = load_model(resolve_model(str(tiny_model_dir)), dtype=torch.float32)
+    records = prune_layerwise(model, load_recipe(f"recipes/{recipe_name}.yaml").prune, None, progress=False)
+    with torch.no_grad():
+        for record in records:
+            linear = model.get_submodule(record["name"])
+            linear.weight.copy_(dequantize(*quantize_per_channel(linear.weight)))
+    # Built as transformers builds a bf16 model (its rotary buffers stay fp32), then given those weights.
+    reference = load_model(resolve_model(str(tiny_model_dir)), dtype=torch.bfloat16).eval()
+    reference.load_state_dict({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()})
+    return reference
+
+
+def test_int8_names_dtypes_and_config(int8_artifacts):
+    tensors = load_file(int8_artifacts["magnitude-50-int8"] / "model.safetensors")
+    assert tensors[f"{PREFIX}.compressed"].dtype == torch.int8
+    assert tensors[f"{PREFIX}.weight_scale"].dtype == torch.float32 and tensors[f"{PREFIX}.weight_scale"].shape == (
+        136,
+        1,
+    )
+    assert tensors["model.embed_tokens.weight"].dtype == torch.bfloat16
+    config = json.loads((int8_artifacts["magnitude-50-int8"] / "config.json").read_text())["quantization_config"]
+    assert config["format"] == "int-quantized" and config["sparsity_config"]["format"] == "sparse-bitmask"
+    group = config["config_groups"]["group_0"]
+    assert group["weights"]["strategy"] == "channel" and group["input_activations"]["strategy"] == "token"
+    manifest = json.loads((int8_artifacts["magnitude-50-int8"] / "sparamx.json").read_text())
+    assert {(r["kind"], r["dtype"]) for r in manifest["layers"]} == {("bitmap", "int8")}
+    dense = load_file(int8_artifacts["int8"] / "model.safetensors")
+    assert dense[f"{PREFIX}.weight"].dtype == torch.int8 and f"{PREFIX}.bitmask" not in dense
+    manifest = json.loads((int8_artifacts["int8"] / "sparamx.json").read_text())
+    assert {(r["kind"], r["dtype"]) for r in manifest["layers"]} == {("dense", "int8")}
+
+
+@pytest.mark.parametrize("name", ["magnitude-50-int8", "int8"])
+def test_int8_reload_is_exact_and_kernels_stay_close(int8_artifacts, tiny_model_dir, name):
+    reference = reference_model(tiny_model_dir, name)
+    model, tokenizer = sparamx.load(int8_artifacts[name], kernels=False)
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = reference(ids).logits
+        assert torch.equal(model(ids).logits, expected)
+        fast, _ = sparamx.load(int8_artifacts[name])
+        kind = SparseLinear if name.endswith("50-int8") else DenseLinear
+        assert sum(isinstance(m, kind) and m.int8 for m in fast.modules()) == 14
+        # Activations quantized per token to 8 bits: the logits keep a high signal-to-noise ratio.
+        assert sqnr_db(expected.float(), fast(ids).logits.float()) > 25
+    assert fast.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, ids.shape[1] + 3)
+
+
+SCALE = f"{PREFIX}.weight_scale"
+
+
+@pytest.mark.parametrize(
+    "name, edit, message",
+    [
+        ("magnitude-50-int8", lambda t: t.pop(SCALE), f"{SCALE} is missing"),
+        ("int8", lambda t: t.pop(SCALE), f"{SCALE} is missing"),
+        ("magnitude-50-int8", lambda t: t.update({SCALE: -t[SCALE]}), "finite and positive"),
+        ("int8", lambda t: t.update({SCALE: torch.ones(3, 1)}), "must be float \\[136, 1\\]"),
+        (
+            "magnitude-50-int8",
+            lambda t: t.update({f"{PREFIX}.compressed": t[f"{PREFIX}.compressed"].to(torch.bfloat16)}),
+            "weight_scale given, but .* values are not int8",
+        ),
+    ],
+)
+def test_int8_values_need_a_good_scale(int8_artifacts, tmp_path, name, edit, message):
+    path = tmp_path / name
+    shutil.copytree(int8_artifacts[name], path)
+    rewrite_tensors(path, edit)
+    for kernels in (True, False):
+        with pytest.raises(ArtifactError, match=message):
+            sparamx.load(path, kernels=kernels)

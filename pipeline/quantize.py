@@ -1,0 +1,43 @@
+"""INT8 weight quantization math: pure functions of tensors (no model, no recipe).
+
+Weights: per output channel, symmetric, scale = absmax / 127, so the largest weight of each row maps to +-127 and no
+weight is ever clipped (the clamp below only guards the rounding of exactly +-127.5 away). A weight smaller than half
+a step rounds to 0 -- that is quantization, not pruning: the artifact keeps the pruning mask, not the rounded zeros.
+Activations are quantized by the kernels at run time, per token (kernels/csrc/linear.cpp).
+"""
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def quantize_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """weight [out, in] -> (q int8 [out, in], scale float32 [out]) with weight ~= scale[:, None] * q.
+
+    A row of zeros gets scale 1 (any scale reproduces it; 1 keeps the scale finite and positive).
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"expected a 2-D weight [out, in], got shape {tuple(weight.shape)}")
+    w = weight.float()
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError("the weight holds inf or nan; it cannot be quantized")
+    scale = w.abs().amax(dim=1) / 127.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize(q: Tensor, scale: Tensor) -> Tensor:
+    """The float32 weight an int8 (q, per-row scale) pair stands for."""
+    return q.float() * scale.reshape(-1, 1).float()
+
+
+def sqnr_db(reference: Tensor, approximation: Tensor) -> float:
+    """Signal-to-quantization-noise ratio, 10 log10(sum ref^2 / sum (ref - approx)^2), in dB."""
+    ref = reference.double()
+    noise = (ref - approximation.double()).square().sum().item()
+    signal = ref.square().sum().item()
+    if noise == 0:
+        return math.inf
+    return 10 * math.log10(signal / noise)
