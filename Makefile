@@ -10,6 +10,7 @@ MODEL ?= smollm2-135m
 RECIPE ?= recipes/wanda-50.yaml
 OUT ?=
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 # Real text for calibration and tests: ../shared/data beside the checkout when present (CI), else the dataset hub.
 ifneq ($(wildcard ../shared/data),)
@@ -19,7 +20,7 @@ endif
 DEPS_STAMP := $(VENV)/.deps-installed
 BUILD_STAMP := $(VENV)/.ext-built
 
-.PHONY: help install prune test test-fast bench-kernels quality clean
+.PHONY: help install prune test test-fast bench bench-kernels quality clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
@@ -48,6 +49,9 @@ test: install  ## the whole suite, slow end-to-end tests on the real model inclu
 
 test-fast: install  ## the suite without the slow end-to-end tests
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+bench: install  ## decode benchmark, stock transformers vs our runtime per recipe -> eval/results/bench.{json,md,png}
+	$(VENV)/bin/sparamx bench --out eval/results $(BENCH_ARGS)
 
 bench-kernels: install  ## kernel microbenchmark at Llama-3-8B shapes -> eval/results/kernels.{json,md,png}
 	$(PY) -m sparamx.eval.bench_kernels --out eval/results

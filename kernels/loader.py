@@ -22,7 +22,7 @@ def load(path: str | Path, dtype: torch.dtype = torch.bfloat16, verify: bool = T
     """Load the artifact at `path` -> (model, tokenizer).
 
     kernels=True: every decoder linear runs on our kernels: bitmap ones as SparseLinear (weights stay packed), dense
-    ones as DenseLinear; int8 ones on the int8 kernels. lm_head and embeddings stay torch modules.
+    ones and lm_head as DenseLinear; int8 ones on the int8 kernels. Embeddings stay a torch module.
     kernels=False: packed linears are unpacked (and int8 ones dequantized) into dense nn.Linear weights, the reference
     the kernels are tested against.
     `verify` checks each file's sha256 first.
@@ -76,11 +76,14 @@ def load(path: str | Path, dtype: torch.dtype = torch.bfloat16, verify: bool = T
         state[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
-    if kernels:  # the decoder linears stored dense in bf16 run on the dense kernel too
+    if kernels:  # the decoder linears stored dense in bf16, and lm_head, run on the dense bf16 kernel too
         for i, layer in enumerate(decoder_layers(model)):
             for name, linear in linear_modules(layer, f"model.layers.{i}").items():
                 if isinstance(linear, torch.nn.Linear):
                     model.set_submodule(name, DenseLinear.from_linear(linear))
+        head = model.get_output_embeddings()
+        if isinstance(head, torch.nn.Linear):  # a tied head keeps the embedding; the kernel gets its own copy
+            model.set_output_embeddings(DenseLinear.from_linear(head))
     model.eval()
     model.sparamx_manifest = manifest
     return model, AutoTokenizer.from_pretrained(path)

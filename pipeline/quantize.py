@@ -41,3 +41,17 @@ def sqnr_db(reference: Tensor, approximation: Tensor) -> float:
     if noise == 0:
         return math.inf
     return 10 * math.log10(signal / noise)
+
+
+def smoothing_scales(act_absmax: Tensor, weights: list[Tensor], alpha: float) -> Tensor:
+    """SmoothQuant's per-input-channel factors (Xiao et al. 2023, arXiv:2211.10438):
+    s_j = max|X_j|^alpha / max|W_:,j|^(1 - alpha), the max over every weight that reads X. Dividing X by s and
+    multiplying W's columns by s leaves X W^T unchanged but moves activation outliers into the weights, which
+    per-channel int8 handles better than per-token activations. Channels never active get s = 1.
+    """
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    w_absmax = torch.stack([w.abs().float().amax(dim=0) for w in weights]).amax(dim=0)
+    act = act_absmax.float()
+    scales = act.clamp(min=1e-5).pow(alpha) / w_absmax.clamp(min=1e-5).pow(1 - alpha)
+    return torch.where((act > 0) & (w_absmax > 0), scales, torch.ones_like(scales))

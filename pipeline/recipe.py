@@ -103,10 +103,18 @@ class QuantizeConfig:
     """How decoder linears are stored after pruning. lm_head and embeddings stay bf16."""
 
     weights: str = "bf16"  # bf16 | int8 (per output channel, symmetric, scale = absmax / 127)
+    # SmoothQuant's migration strength alpha in (0, 1) (arXiv:2211.10438), or null for none. Needs calibration data.
+    smoothquant: float | None = None
 
     def __post_init__(self):
         if self.weights not in WEIGHT_FORMATS:
             raise RecipeError(f"quantize.weights must be one of {', '.join(WEIGHT_FORMATS)}, got {self.weights!r}")
+        if self.smoothquant is not None:
+            value = self.smoothquant
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 < value < 1.0:
+                raise RecipeError(f"quantize.smoothquant must be a number in (0, 1) or null, got {value!r}")
+            if self.weights != "int8":
+                raise RecipeError("quantize.smoothquant only applies with quantize.weights: int8")
 
 
 @dataclass
@@ -123,7 +131,7 @@ class Recipe:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.prune.method == "wanda"
+        return self.prune.method == "wanda" or self.quantize.smoothquant is not None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -13,6 +13,7 @@ from .errors import ArtifactError
 from .layerwise import prune_layerwise
 from .models import load_config, load_model, load_tokenizer, resolve_model
 from .recipe import Recipe, load_recipe
+from .smoothing import smooth_layerwise
 from .textdata import calibration_windows, load_documents
 
 
@@ -56,6 +57,11 @@ def compress(
     start = time.perf_counter()
     records = prune_layerwise(llm, recipe.prune, windows, progress=progress)
     timings["prune_s"] = time.perf_counter() - start
+    smoothing = None
+    if recipe.quantize.smoothquant is not None:
+        start = time.perf_counter()
+        smoothing = smooth_layerwise(llm, windows, recipe.quantize.smoothquant, progress=progress)
+        timings["smooth_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
     from ..kernels.ops import bitmap_pack
@@ -74,6 +80,7 @@ def compress(
         "recipe": recipe.to_dict(),
         "calibration": calibration,
         "layers": records,
+        "smoothquant": smoothing,
         "kv_sparsity": None,
         "eval": None,
     }

@@ -140,10 +140,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="CPU features detected and the kernel path chosen")
     info.set_defaults(func=cmd_info)
+
+    # Listed here for --help; its options are bench_decode's own (main() hands them over untouched).
+    sub.add_parser("bench", help="decode benchmark: stock transformers vs our runtime per recipe (see bench --help)")
     return parser
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:
+        from .eval.bench_decode import main as bench_main
+
+        return bench_main(argv[1:], prog="sparamx bench")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -8,7 +8,9 @@
 // memory once per 64 rows of x.
 // int8: weights per output channel symmetric (w = scale * q); activations quantized per row on the fly, asymmetric
 // to uint8 (x = sx * (q - z), zero exact), so y = sx * sw * (sum q_x q_w - z * sum q_w).
-// Reference path: the dense weight rebuilt and multiplied in fp32 (bf16) or exactly in fp64 (int8), same numbers.
+// From kGemmRows activation rows on (prefill), bf16 weights are unpacked slab by slab and multiplied by torch's fp32
+// GEMM instead. Reference path: the dense weight rebuilt and multiplied in fp32 (bf16) or exactly in fp64 (int8):
+// the same numbers up to summation order.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -25,7 +27,8 @@
 
 namespace sparamx {
 
-at::Tensor prepacked_to_dense(const at::Tensor& values, const at::Tensor& masks, int64_t N, int64_t K);
+at::Tensor prepacked_to_dense(const at::Tensor& values, const at::Tensor& masks, const at::Tensor& block_offsets,
+                              int64_t N, int64_t K);
 
 namespace {
 
@@ -33,6 +36,10 @@ namespace {
 // the bitmap kernels reached ~62% of the read bandwidth, at 2 KiB ~80%, at 4 KiB ~85-90% (eval/results/kernels.md).
 constexpr int64_t kPrefetchBytes = 4096;
 constexpr int64_t kTileRows = 64;  // activation rows per pass over the weights
+// From this many activation rows on (prefill), bf16 weights are unpacked slab by slab and multiplied by torch's
+// fp32 GEMM (the same numbers: bf16 products are exact in fp32): past it the expand-load kernel, which has no
+// register blocking over M, loses to MKL. Measured crossover: eval/results/kernels.md (M = 64 vs 128 rows).
+constexpr int64_t kGemmRows = 128;
 
 struct Problem {
   const uint8_t* x;  // activations [M, Kp]: uint8 for int8 weights; fp32 of bf16-rounded x, each chunk's 32 columns
@@ -153,8 +160,64 @@ bool block_avx512(const Problem& p, int64_t b, int64_t m0) {
   return true;
 }
 
+// bf16 block b as fp32 rows [b*kRows, b*kRows + kRows) of `out` (row stride Kp floats), for the prefill GEMM.
+template <bool Sparse>
+bool unpack_block_avx512(const Problem& p, int64_t b, float* out) {
+  const uint8_t* v = Sparse ? p.values + p.block_offsets[b] * 2 : p.values + b * p.KC * kRows * 64;
+  const uint8_t* end = Sparse ? p.values + p.block_offsets[b + 1] * 2 : nullptr;
+  const uint8_t* mk = Sparse ? p.masks + b * p.KC * kRows * 4 : nullptr;
+  for (int64_t c = 0; c < p.KC; ++c) {
+    for (int r = 0; r < kRows; ++r) {
+      __m512i w;
+      if constexpr (Sparse) {
+        uint32_t bits;
+        std::memcpy(&bits, mk + r * 4, 4);
+        const int64_t count = __builtin_popcount(bits);
+        if (v + count * 2 > end) return false;
+        w = _mm512_maskz_expand_epi16(bits, _mm512_loadu_si512(v));  // values end with a register of slack
+        v += count * 2;
+      } else {
+        w = _mm512_loadu_si512(v);
+        v += 64;
+      }
+      float* dst = out + (b * kRows + r) * p.Kp + c * 32;
+      _mm512_storeu_ps(dst, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(w)), 16)));
+      _mm512_storeu_ps(dst + 16,
+                       _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(w, 1)), 16)));
+    }
+    if constexpr (Sparse) mk += kRows * 4;
+  }
+  return !Sparse || v == end;
+}
+
 #pragma GCC pop_options
 // ---- end of ISA-specific code
+
+// Prefill with bf16 weights: y^T = W x^T slab by slab, each slab of output rows unpacked to fp32 into a buffer that
+// stays in L2 and multiplied by torch's fp32 GEMM, so the dense weight never exists whole.
+at::Tensor gemm_avx512(const Problem& p, int64_t NB, const at::Tensor& xf) {
+  constexpr int64_t kSlabBlocks = 64;  // 256 rows: 4 MiB of fp32 at K = 4096
+  at::Tensor yt = at::empty({NB * kRows, p.M}, xf.options());
+  at::Tensor slab = at::empty({kSlabBlocks * kRows, p.Kp}, xf.options());
+  float* buf = slab.data_ptr<float>();
+  for (int64_t s0 = 0; s0 < NB; s0 += kSlabBlocks) {
+    const int64_t s1 = std::min(NB, s0 + kSlabBlocks);
+    std::atomic<bool> ok{true};
+    at::parallel_for(s0, s1, 4, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        float* rows = buf - s0 * kRows * p.Kp;  // block b lands at row (b - s0) * kRows of the slab
+        if (!(p.masks ? unpack_block_avx512<true>(p, b, rows) : unpack_block_avx512<false>(p, b, rows))) ok = false;
+      }
+    });
+    TORCH_CHECK(ok.load(), "bitmap_linear: the masks' popcounts disagree with block_offsets / values");
+    const int64_t rows = (s1 - s0) * kRows;
+    at::Tensor out = yt.narrow(0, s0 * kRows, rows);  // contiguous: whole rows of y^T
+    at::mm_out(out, slab.narrow(0, 0, rows), xf.t());
+  }
+  at::Tensor y = yt.narrow(0, 0, p.N).t();
+  if (p.bias) y = y + at::from_blob(const_cast<float*>(p.bias), {p.N}, xf.options());
+  return y.contiguous();
+}
 
 template <bool Int8, bool Sparse>
 bool blocks_avx512(const Problem& p, int64_t b0, int64_t b1) {
@@ -320,18 +383,23 @@ at::Tensor run_linear(const at::Tensor& x, const Weights& w, const std::optional
   at::Tensor xq, x_scale, x_zero;
   if (int8) xq = quantize_rows_u8(x2d.to(at::kFloat).contiguous(), KC * C, x_scale, x_zero);
   at::Tensor y;
-  if (isa == "reference" || !avx512 || M == 0 || w.N == 0) {
-    if (w.masks.defined()) {  // the reference reads values by the masks: they must agree first
+  const bool reference = isa == "reference" || !avx512 || M == 0 || w.N == 0;
+  if (reference) {
+    if (w.masks.defined()) {  // values are read by the masks: they must agree first
       const uint8_t* mp = w.masks.const_data_ptr<uint8_t>();
       const int64_t* bo = w.block_offsets.const_data_ptr<int64_t>();
-      const int64_t per_block = KC * kRows * C / 8;
+      const int64_t words = KC * kRows * C / 64;  // a block's masks are a whole number of 64-bit words
       for (int64_t b = 0; b < NB; ++b) {
         int64_t set = 0;
-        for (int64_t i = 0; i < per_block; ++i) set += __builtin_popcount(mp[b * per_block + i]);
+        for (int64_t i = 0; i < words; ++i) {
+          uint64_t word;
+          std::memcpy(&word, mp + (b * words + i) * 8, 8);
+          set += __builtin_popcountll(word);
+        }
         TORCH_CHECK(set == bo[b + 1] - bo[b], op, ": the masks' popcounts disagree with block_offsets / values");
       }
     }
-    const at::Tensor dense = prepacked_to_dense(w.values, w.masks, w.N, w.K);
+    const at::Tensor dense = prepacked_to_dense(w.values, w.masks, w.block_offsets, w.N, w.K);
     if (int8) {
       // Exact integer dot products (fp64 holds them), then the kernel's own fp32 epilogue.
       const at::Tensor q = xq.narrow(1, 0, w.K).to(at::kDouble);
@@ -342,30 +410,35 @@ at::Tensor run_linear(const at::Tensor& x, const Weights& w, const std::optional
       y = at::matmul(x2d.to(at::kBFloat16).to(at::kFloat), dense.to(at::kFloat).t());
     }
     if (bias32.defined()) y.add_(bias32);
-  } else {
-    const at::Tensor xb =
-        int8 ? xq
-             : at::constant_pad_nd(x2d.to(at::kBFloat16).to(at::kFloat), {0, KC * C - w.K}, 0)
-                   .view({M, KC, C / 2, 2})
-                   .transpose(2, 3)
-                   .contiguous();
-    y = at::empty({M, w.N}, x2d.options().dtype(at::kFloat));
-    Problem p{static_cast<const uint8_t*>(xb.const_data_ptr()),
-              M,
-              KC * C,
-              w.N,
-              KC,
-              static_cast<const uint8_t*>(w.values.const_data_ptr()),
-              w.masks.defined() ? w.masks.const_data_ptr<uint8_t>() : nullptr,
-              w.masks.defined() ? w.block_offsets.const_data_ptr<int64_t>() : nullptr,
-              int8 ? w.row_sums.const_data_ptr<int32_t>() : nullptr,
-              int8 ? scale32.const_data_ptr<float>() : nullptr,
-              int8 ? x_scale.const_data_ptr<float>() : nullptr,
-              int8 ? x_zero.const_data_ptr<int32_t>() : nullptr,
-              bias32.defined() ? bias32.const_data_ptr<float>() : nullptr,
-              y.data_ptr<float>()};
-    run_avx512(p, int8, NB);
+    return y.to(x.scalar_type()).reshape(out_shape);
   }
+  Problem p{nullptr,
+            M,
+            KC * C,
+            w.N,
+            KC,
+            static_cast<const uint8_t*>(w.values.const_data_ptr()),
+            w.masks.defined() ? w.masks.const_data_ptr<uint8_t>() : nullptr,
+            w.masks.defined() ? w.block_offsets.const_data_ptr<int64_t>() : nullptr,
+            int8 ? w.row_sums.const_data_ptr<int32_t>() : nullptr,
+            int8 ? scale32.const_data_ptr<float>() : nullptr,
+            int8 ? x_scale.const_data_ptr<float>() : nullptr,
+            int8 ? x_zero.const_data_ptr<int32_t>() : nullptr,
+            bias32.defined() ? bias32.const_data_ptr<float>() : nullptr,
+            nullptr};
+  if (!int8 && M >= kGemmRows) {  // prefill: unpack once, then torch's fp32 GEMM on bf16-rounded x
+    const at::Tensor xf = at::constant_pad_nd(x2d.to(at::kBFloat16).to(at::kFloat), {0, KC * C - w.K}, 0);
+    return gemm_avx512(p, NB, xf.contiguous()).to(x.scalar_type()).reshape(out_shape);
+  }
+  const at::Tensor xb = int8 ? xq
+                             : at::constant_pad_nd(x2d.to(at::kBFloat16).to(at::kFloat), {0, KC * C - w.K}, 0)
+                                   .view({M, KC, C / 2, 2})
+                                   .transpose(2, 3)
+                                   .contiguous();
+  y = at::empty({M, w.N}, x2d.options().dtype(at::kFloat));
+  p.x = static_cast<const uint8_t*>(xb.const_data_ptr());
+  p.y = y.data_ptr<float>();
+  run_avx512(p, int8, NB);
   return y.to(x.scalar_type()).reshape(out_shape);
 }
 

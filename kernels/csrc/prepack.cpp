@@ -92,8 +92,10 @@ std::tuple<at::Tensor, at::Tensor> dense_prepack(const at::Tensor& weight) {
   return {values, row_sums};
 }
 
-// The dense [N, K] weight behind prepacked tensors (masks undefined for the dense layout).
-at::Tensor prepacked_to_dense(const at::Tensor& values, const at::Tensor& masks, int64_t N, int64_t K) {
+// The dense [N, K] weight behind prepacked tensors (masks and block_offsets undefined for the dense layout). The
+// masks must already agree with block_offsets (each block reads its own values only, so blocks go in parallel).
+at::Tensor prepacked_to_dense(const at::Tensor& values, const at::Tensor& masks, const at::Tensor& block_offsets,
+                              int64_t N, int64_t K) {
   const int64_t C = chunk_width(values.scalar_type()), NB = ceil_div(N, kRows), KC = ceil_div(K, C);
   if (!masks.defined()) {
     return values.view({NB, KC, kRows, C}).permute({0, 2, 1, 3}).reshape({NB * kRows, KC * C}).narrow(0, 0, N)
@@ -101,19 +103,23 @@ at::Tensor prepacked_to_dense(const at::Tensor& values, const at::Tensor& masks,
   }
   at::Tensor dense = at::zeros({NB * kRows, KC * C}, values.options());
   const int64_t elem = values.element_size(), mask_bytes = C / 8;
-  const auto* src = static_cast<const uint8_t*>(values.const_data_ptr());
+  const auto* base = static_cast<const uint8_t*>(values.const_data_ptr());
+  const int64_t* bo = block_offsets.const_data_ptr<int64_t>();
   auto* dst = static_cast<uint8_t*>(dense.data_ptr());
   const uint8_t* mp = masks.const_data_ptr<uint8_t>();
-  for (int64_t b = 0; b < NB; ++b) {
-    for (int64_t c = 0; c < KC; ++c) {
-      for (int64_t r = 0; r < kRows; ++r) {
-        uint64_t chunk = 0;
-        std::memcpy(&chunk, mp + ((b * KC + c) * kRows + r) * mask_bytes, mask_bytes);
-        uint8_t* row = dst + ((b * kRows + r) * KC * C + c * C) * elem;
-        for (; chunk; chunk &= chunk - 1, src += elem) std::memcpy(row + __builtin_ctzll(chunk) * elem, src, elem);
+  at::parallel_for(0, NB, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const uint8_t* src = base + bo[b] * elem;
+      for (int64_t c = 0; c < KC; ++c) {
+        for (int64_t r = 0; r < kRows; ++r) {
+          uint64_t chunk = 0;
+          std::memcpy(&chunk, mp + ((b * KC + c) * kRows + r) * mask_bytes, mask_bytes);
+          uint8_t* row = dst + ((b * kRows + r) * KC * C + c * C) * elem;
+          for (; chunk; chunk &= chunk - 1, src += elem) std::memcpy(row + __builtin_ctzll(chunk) * elem, src, elem);
+        }
       }
     }
-  }
+  });
   return dense.narrow(0, 0, N).narrow(1, 0, K).contiguous();
 }
 

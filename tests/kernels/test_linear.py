@@ -164,8 +164,9 @@ def test_inconsistent_masks_are_an_error_not_a_crash(isa, fmt):
     with pytest.raises(RuntimeError, match="popcounts disagree"):
         case.op(torch.randn(1, 130), values, bad, offsets, sums, 6, 130, case.scale, None, isa)
     full = torch.full_like(masks, 0xFF)  # every bit set: asks for far more values than exist
-    with pytest.raises(RuntimeError, match="popcounts disagree"):
-        case.op(torch.randn(2, 130), values, full, offsets, sums, 6, 130, case.scale, None, isa)
+    for m in (2, 200):  # the decode kernel, and the unpack-then-GEMM path of prefill-sized inputs
+        with pytest.raises(RuntimeError, match="popcounts disagree"):
+            case.op(torch.randn(m, 130), values, full, offsets, sums, 6, 130, case.scale, None, isa)
     with pytest.raises(RuntimeError, match="block_offsets must run from 0"):
         case.op(torch.randn(1, 130), values[:-3].clone(), masks, offsets, sums, 6, 130, case.scale, None, isa)
 

@@ -15,7 +15,8 @@ def write(tmp_path, text, name="r.yaml"):
 
 
 def test_the_required_recipes_exist():
-    assert {"magnitude-50", "wanda-50", "wanda-2of4"} <= {p.stem for p in RECIPES}
+    required = {"magnitude-50", "wanda-50", "wanda-2of4", "wanda-50-int8", "magnitude-50-int8", "int8", "dense"}
+    assert required <= {p.stem for p in RECIPES}
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
@@ -53,6 +54,10 @@ def test_two_of_four_implies_half_sparsity():
         ("prune: 0.5\n", "prune must be a mapping"),
         ("- a\n- b\n", "a recipe must be a mapping"),
         ("prune: [unclosed\n", "not valid YAML"),
+        ("quantize:\n  weights: int4\n", "quantize.weights must be one of bf16, int8"),
+        ("quantize:\n  weights: int8\n  smoothquant: 1.0\n", "quantize.smoothquant must be a number in \\(0, 1\\)"),
+        ("quantize:\n  smoothquant: 0.5\n", "smoothquant only applies with quantize.weights: int8"),
+        ("quantize:\n  weights: int8\n  smooth: 0.5\n", "unknown key 'quantize.smooth'"),
     ],
 )
 def test_bad_recipes_name_file_and_key(tmp_path, text, message):
@@ -73,3 +78,10 @@ def test_per_layer_ratios_first_match_wins():
     assert prune.sparsity_for("model.layers.0.mlp.up_proj") == 0.3
     assert prune.sparsity_for("model.layers.5.mlp.up_proj") == 0.7
     assert prune.sparsity_for("model.layers.5.self_attn.q_proj") == 0.5
+
+
+def test_smoothquant_needs_calibration():
+    recipe = Recipe.from_dict({"name": "x", "prune": {"method": "magnitude"}, "quantize": {"weights": "int8"}})
+    assert not recipe.needs_calibration
+    recipe.quantize.smoothquant = 0.5
+    assert recipe.needs_calibration

@@ -1,0 +1,268 @@
+"""End-to-end decode benchmark (`make bench`, `sparamx bench`): prefill and per-token decode latency through
+`model.generate`, tokens/s and peak RSS, for stock transformers (fp32, bf16) and our runtime on each recipe.
+
+Models: the real SmolLM2-135M and a Llama-3-8B-shaped model with random weights (--layers bounds its depth; it is
+magnitude-pruned, since its weights are random). Each configuration runs in a fresh process, threads pinned, so none
+warms another's caches; per-token latency is the median step of one greedy generate after a warm-up generate.
+Writes bench.json, bench.md and bench.png under --out.
+
+    python -m sparamx.eval.bench_decode --out eval/results         (make bench)
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RUNTIMES = {  # name -> recipe of the artifact it loads (None: stock transformers in that dtype)
+    "stock fp32": None,
+    "stock bf16": None,
+    "sparamx dense bf16": "dense",
+    "sparamx 50% bf16": "magnitude-50",
+    "sparamx 50% int8": "magnitude-50-int8",
+    "sparamx int8": "int8",
+}
+MODELS = ("smollm2-135m", "llama-3-8b-shaped")
+# Llama-3-8B's config (meta-llama/Meta-Llama-3-8B), depth left to --layers.
+LLAMA3_8B_CONFIG = {
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "max_position_embeddings": 8192,
+    "rope_theta": 500000.0,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False,
+}
+
+
+def random_llama3_shaped(path: Path, layers: int) -> Path:
+    """A Llama-3-8B-shaped model with `layers` decoder layers and random bf16 weights, saved once to `path`."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ..pipeline.models import load_tokenizer, resolve_model
+
+    if (path / "config.json").is_file():
+        return path
+    torch.manual_seed(0)
+    config = LlamaConfig(num_hidden_layers=layers, **LLAMA3_8B_CONFIG)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    tmp = path.with_name(path.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer = load_tokenizer(resolve_model("smollm2-135m"))  # any tokenizer: prompts are random token ids
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def prepare(model: str, runtimes: list[str], layers: int, cache: Path) -> dict[str, str]:
+    """Source and artifact locations for `model`: builds what is missing under `cache` (reused across runs)."""
+    import sparamx
+
+    cache.mkdir(parents=True, exist_ok=True)
+    source = model
+    if model == "llama-3-8b-shaped":
+        source = str(random_llama3_shaped(cache / f"llama-3-8b-shaped-{layers}l", layers))
+    paths = {"source": source}
+    for runtime in runtimes:
+        recipe = RUNTIMES[runtime]
+        if recipe is None:
+            continue
+        out = cache / f"{Path(source).name if '/' in source else source}-{recipe}"
+        if not (out / "sparamx.json").is_file():
+            sparamx.compress(source, Path(__file__).resolve().parents[1] / "recipes" / f"{recipe}.yaml", out=out)
+        paths[runtime] = str(out)
+    return paths
+
+
+def worker(spec: dict) -> dict:
+    """One configuration, in this (fresh) process: load, warm up, time prefill and each decode step."""
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    torch.set_num_threads(spec["threads"])
+    start = time.perf_counter()
+    if spec["artifact"]:
+        import sparamx
+
+        model, _ = sparamx.load(spec["artifact"], verify=False)
+    else:
+        from ..pipeline.models import load_model, resolve_model
+
+        dtype = torch.float32 if spec["runtime"] == "stock fp32" else torch.bfloat16
+        model = load_model(resolve_model(spec["source"]), dtype=dtype).eval()
+    load_s = time.perf_counter() - start
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(100, model.config.vocab_size - 100, (spec["batch"], spec["prompt"]), generator=gen)
+
+    class Stamps(LogitsProcessor):  # called once per generated token, right after its forward
+        def __init__(self):
+            self.times = []
+
+        def __call__(self, input_ids, scores):
+            self.times.append(time.perf_counter())
+            return scores
+
+    def run(new_tokens):
+        stamps = Stamps()
+        begin = time.perf_counter()
+        with torch.no_grad():
+            model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                logits_processor=LogitsProcessorList([stamps]),
+                pad_token_id=0,
+            )
+        return [stamps.times[0] - begin] + [b - a for a, b in zip(stamps.times, stamps.times[1:], strict=False)]
+
+    run(2)  # warm-up
+    steps = run(spec["new_tokens"])
+    decode = statistics.median(steps[1:])
+    return {
+        **spec,
+        "load_s": load_s,
+        "prefill_ms": steps[0] * 1e3,
+        "decode_ms_per_token": decode * 1e3,
+        "tokens_per_s": spec["batch"] / decode,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def run_fresh(spec: dict) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "MKL_NUM_THREADS": str(spec["threads"])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "sparamx.eval.bench_decode", "--worker", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        return {**spec, "error": tail[0]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def markdown(rows: list[dict]) -> str:
+    base = {
+        (r["model"], r["batch"], r["prompt"]): r["tokens_per_s"]
+        for r in rows
+        if r["runtime"] == "stock bf16" and "error" not in r
+    }
+    lines = [
+        "| model | runtime | batch | prompt | prefill ms | decode ms/token | tokens/s | × stock bf16 | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        head = f"| {r['model']} | {r['runtime']} | {r['batch']} | {r['prompt']} |"
+        if "error" in r:
+            lines.append(f"{head} failed: {r['error'][:80]} | | | | |")
+            continue
+        ratio = (
+            r["tokens_per_s"] / base[key] if (key := (r["model"], r["batch"], r["prompt"])) in base else float("nan")
+        )
+        lines.append(
+            f"{head} {r['prefill_ms']:.1f} | {r['decode_ms_per_token']:.2f} | {r['tokens_per_s']:.1f} | "
+            f"{ratio:.2f} | {r['peak_rss_mb']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if "error" not in r and r["batch"] == 1 and r["prompt"] == min(x["prompt"] for x in rows)]
+    models = list(dict.fromkeys(r["model"] for r in ok))
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 3.8), squeeze=False)
+    for ax, model in zip(axes[0], models, strict=True):
+        mine = [r for r in ok if r["model"] == model]
+        ax.barh([r["runtime"] for r in mine], [r["tokens_per_s"] for r in mine], color="tab:blue")
+        ax.set_title(f"{model}: decode, batch 1")
+        ax.set_xlabel("tokens/s")
+        ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None, prog=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", default="eval/results", help="folder for bench.json / bench.md / bench.png")
+    parser.add_argument("--models", nargs="*", default=list(MODELS), help=f"any of {', '.join(MODELS)}, or a path")
+    parser.add_argument(
+        "--runtimes",
+        nargs="*",
+        default=list(RUNTIMES),
+        choices=list(RUNTIMES),
+        metavar="RUNTIME",
+        help=f"any of: {'; '.join(RUNTIMES)} (default: all)",
+    )
+    parser.add_argument("--layers", type=int, default=2, help="decoder layers of the Llama-3-8B-shaped model")
+    parser.add_argument(
+        "--batches", nargs="*", type=int, default=[1, 4, 16], help="batch sizes, at the shortest prompt"
+    )
+    parser.add_argument("--prompts", nargs="*", type=int, default=[128, 1024], help="prompt lengths (tokens)")
+    parser.add_argument("--new-tokens", type=int, default=16, help="generated tokens per timed run")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--cache", default="artifacts/bench", help="where the benchmark's artifacts are kept")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+
+    # Batch sizes at the shortest prompt, and every prompt length at batch 1.
+    shapes = sorted({(b, min(args.prompts)) for b in args.batches} | {(1, p) for p in args.prompts})
+    rows = []
+    for model in args.models:
+        paths = prepare(model, args.runtimes, args.layers, Path(args.cache))
+        for batch, prompt in shapes:
+            for runtime in args.runtimes:
+                spec = {
+                    "model": model,
+                    "runtime": runtime,
+                    "source": paths["source"],
+                    "artifact": paths.get(runtime),
+                    "batch": batch,
+                    "prompt": prompt,
+                    "new_tokens": args.new_tokens,
+                    "threads": args.threads,
+                }
+                rows.append(run_fresh(spec))
+                print(json.dumps(rows[-1]), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from .bench_kernels import cpu_line
+
+    meta = {
+        "cpu": cpu_line(),
+        "threads": args.threads,
+        "layers_of_8b_shaped": args.layers,
+        "new_tokens": args.new_tokens,
+    }
+    (out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    header = (
+        f"CPU: {meta['cpu']}; {args.threads} threads, each configuration in a fresh process; "
+        f"Llama-3-8B-shaped model with {args.layers} layers; {args.new_tokens} new tokens per run\n\n"
+    )
+    (out / "bench.md").write_text(header + markdown(rows))
+    plot(rows, out / "bench.png")
+    print(header + markdown(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
