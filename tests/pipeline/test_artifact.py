@@ -14,7 +14,7 @@ from sparamx.pipeline.errors import ArtifactError
 from sparamx.pipeline.layerwise import prune_layerwise
 from sparamx.pipeline.models import load_model, resolve_model
 from sparamx.pipeline.quantize import dequantize, quantize_per_channel, sqnr_db
-from sparamx.pipeline.recipe import PruneConfig, Recipe, load_recipe
+from sparamx.pipeline.recipe import PruneConfig, QuantizeConfig, Recipe, load_recipe
 
 MAGNITUDE = Recipe(name="magnitude-50", prune=PruneConfig(method="magnitude", sparsity=0.5))
 PREFIX = "model.layers.0.mlp.up_proj"
@@ -243,13 +243,20 @@ def test_unpruned_layers_are_stored_dense(tmp_path, tiny_model_dir):
 # ---- INT8 artifacts (bitmap and dense)
 
 
+# Without SmoothQuant, so the stored weights are the pruned ones quantized (recipes/int8.yaml smooths first).
+INT8_RECIPES = {
+    "magnitude-50-int8": load_recipe("recipes/magnitude-50-int8.yaml"),
+    "int8": Recipe(name="int8", prune=PruneConfig(method="magnitude", sparsity=0.0), quantize=QuantizeConfig("int8")),
+}
+
+
 @pytest.fixture(scope="module")
 def int8_artifacts(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("int8")
     out = {}
-    for name in ("magnitude-50-int8", "int8"):
+    for name, recipe in INT8_RECIPES.items():
         out[name] = root / name
-        report = sparamx.compress(str(tiny_model_dir), f"recipes/{name}.yaml", out=out[name], progress=False)
+        report = sparamx.compress(str(tiny_model_dir), recipe, out=out[name], progress=False)
         assert report["weights"] == "int8" and report["linears"] == 14
     return out
 
@@ -257,7 +264,7 @@ def int8_artifacts(tmp_path_factory, tiny_model_dir):
 def reference_model(tiny_model_dir, recipe_name):
     """The source, pruned as the recipe says, every decoder linear replaced by its int8 dequantization (bf16)."""
     model = load_model(resolve_model(str(tiny_model_dir)), dtype=torch.float32)
-    records = prune_layerwise(model, load_recipe(f"recipes/{recipe_name}.yaml").prune, None, progress=False)
+    records = prune_layerwise(model, INT8_RECIPES[recipe_name].prune, None, progress=False)
     with torch.no_grad():
         for record in records:
             linear = model.get_submodule(record["name"])
