@@ -3,7 +3,7 @@
 
 Models: the real SmolLM2-135M and a Llama-3-8B-shaped model with random weights (--layers bounds its depth; it is
 magnitude-pruned, since its weights are random). Each configuration runs in a fresh process, threads pinned, so none
-warms another's caches; per-token latency is the median step of one greedy generate after a warm-up generate.
+warms another's caches; per-token latency is the median step of one greedy generate after a short warm-up generate.
 Writes bench.json, bench.md and bench.png under --out.
 
     python -m sparamx.eval.bench_decode --out eval/results         (make bench)
@@ -121,13 +121,13 @@ def worker(spec: dict) -> dict:
             self.times.append(time.perf_counter())
             return scores
 
-    def run(new_tokens):
+    def run(new_tokens, prompt):
         stamps = Stamps()
         begin = time.perf_counter()
         with torch.no_grad():
             model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
+                prompt,
+                attention_mask=torch.ones_like(prompt),
                 max_new_tokens=new_tokens,
                 min_new_tokens=new_tokens,
                 do_sample=False,
@@ -136,8 +136,8 @@ def worker(spec: dict) -> dict:
             )
         return [stamps.times[0] - begin] + [b - a for a, b in zip(stamps.times, stamps.times[1:], strict=False)]
 
-    run(2)  # warm-up
-    steps = run(spec["new_tokens"])
+    run(2, ids[:, :16])  # warm-up: kernels, allocator, thread pool (a short prompt: prefill is timed below)
+    steps = run(spec["new_tokens"], ids)
     decode = statistics.median(steps[1:])
     return {
         **spec,

@@ -1,4 +1,5 @@
-"""Model resolution: alias | hub id | local directory | .gguf path -> a loadable source, checked before any work."""
+"""Model resolution: alias | hub id | local directory | .gguf path | sparamx artifact -> a loadable source, checked
+before any work. An artifact as the source lets later stages run on an earlier result (quantize a pruned artifact)."""
 
 import importlib.util
 import os
@@ -27,7 +28,7 @@ class ModelSource:
     """Where a model comes from. `location` is a directory or a hub id; `gguf_file` a file name inside it."""
 
     name: str  # what the user asked for (alias or path), for messages and default artifact names
-    kind: str  # gguf | dir | hub
+    kind: str  # gguf | dir | hub | artifact
     location: str
     gguf_file: str | None = None
 
@@ -56,6 +57,8 @@ def resolve_model(spec: str | None) -> ModelSource:
             raise ModelError(f"{path}: GGUF file not found")
         return ModelSource(spec, "gguf", str(path.resolve().parent), path.name)
     if path.is_dir():
+        if (path / "sparamx.json").is_file():
+            return ModelSource(spec, "artifact", str(path.resolve()))
         if not (path / "config.json").is_file():
             raise ModelError(f"{path}: not a model directory (no config.json); pass a hub id, a .gguf or an alias")
         return ModelSource(spec, "dir", str(path.resolve()))
@@ -95,6 +98,8 @@ def load_config(source: ModelSource):
         config = AutoConfig.from_pretrained(source.location, **source.hf_kwargs())
     except (OSError, ValueError) as exc:
         raise ModelError(f"{source.name}: cannot read the model config ({str(exc).splitlines()[0]})") from exc
+    if source.kind == "artifact" and hasattr(config, "quantization_config"):
+        del config.quantization_config  # describes the artifact's files, not the dense model it loads as
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise ModelError(
             f"{source.name}: model type {config.model_type!r} is not supported "
@@ -113,6 +118,10 @@ def load_model(source: ModelSource, config=None, dtype: torch.dtype | str = "aut
     """Load with low memory (weights materialised once, memory-mapped safetensors) in eval mode on the CPU."""
     from transformers import AutoModelForCausalLM
 
+    if source.kind == "artifact":  # unpacked (int8 dequantized) into dense weights, fp32 unless told otherwise
+        from ..kernels.loader import load
+
+        return load(source.location, dtype=torch.float32 if dtype == "auto" else dtype, kernels=False)[0]
     config = config if config is not None else load_config(source)
     model = AutoModelForCausalLM.from_pretrained(
         source.location, config=config, dtype=dtype, low_cpu_mem_usage=True, **source.hf_kwargs()

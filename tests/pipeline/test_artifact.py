@@ -335,3 +335,19 @@ def test_int8_values_need_a_good_scale(int8_artifacts, tmp_path, name, edit, mes
     for kernels in (True, False):
         with pytest.raises(ArtifactError, match=message):
             sparamx.load(path, kernels=kernels)
+
+
+def test_an_artifact_is_a_source_for_later_stages(tiny_artifact, tmp_path):
+    """Quantizing the magnitude-50 artifact: same bitmasks, values = int8 of the stored bf16 weights."""
+    out = tmp_path / "requantized"
+    sparamx.compress(str(tiny_artifact), INT8_RECIPES["int8"], out=out, progress=False)
+    source, derived = load_file(tiny_artifact / "model.safetensors"), load_file(out / "model.safetensors")
+    assert torch.equal(derived[f"{PREFIX}.bitmask"], source[f"{PREFIX}.bitmask"])  # 50% sparse: still a bitmap
+    manifest = json.loads((out / "sparamx.json").read_text())
+    assert manifest["source_model"]["kind"] == "artifact"
+    original, _ = sparamx.load(tiny_artifact, dtype=torch.float32, kernels=False)
+    model, _ = sparamx.load(out, dtype=torch.float32, kernels=False)
+    for record in manifest["layers"]:
+        weight = original.get_submodule(record["name"]).weight.detach()
+        expected = dequantize(*quantize_per_channel(weight))
+        assert torch.equal(model.get_submodule(record["name"]).weight, expected), record["name"]
