@@ -93,6 +93,18 @@ def prepare(model: str, runtimes: list[str], layers: int, cache: Path) -> dict[s
     return paths
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident set. VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across exec, so a
+    fresh worker would report its parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def worker(spec: dict) -> dict:
     """One configuration, in this (fresh) process: load, warm up, time prefill and each decode step."""
     import torch
@@ -145,7 +157,7 @@ def worker(spec: dict) -> dict:
         "prefill_ms": steps[0] * 1e3,
         "decode_ms_per_token": decode * 1e3,
         "tokens_per_s": spec["batch"] / decode,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
     }
 
 

@@ -50,7 +50,7 @@ def load(path: str | Path, dtype: torch.dtype = torch.bfloat16, verify: bool = T
                 del state[f"{prefix}.{key}"]
             state.pop(f"{prefix}.weight_scale", None)
             bias = state.pop(f"{prefix}.bias", None)
-            model.set_submodule(prefix, SparseLinear(*args, cols, bias, scale))
+            model.set_submodule(prefix, packed_linear(*args, cols, bias, scale))
             packed.add(prefix)
         for prefix, q, scale in list(int8_dense_weights(tensors)):
             _check_target(model, config, path, prefix, tuple(q.shape))
@@ -87,6 +87,21 @@ def load(path: str | Path, dtype: torch.dtype = torch.bfloat16, verify: bool = T
     model.eval()
     model.sparamx_manifest = manifest
     return model, AutoTokenizer.from_pretrained(path)
+
+
+# Below these sparsities a bitmap layer runs faster on the dense kernel: it saves too few bytes to pay for its lower
+# streaming efficiency (eval/results/kernels.md, M = 1: bitmap ~85-90% of the read bandwidth, dense ~95-100%; the
+# byte counts then cross at ~16% sparsity for bf16 and ~22% for int8). At 30%, the lowest measured, the bitmap wins.
+DENSE_BELOW = {torch.bfloat16: 0.2, torch.int8: 0.25}
+
+
+def packed_linear(compressed, bitmask, row_offsets, in_features: int, bias=None, weight_scale=None):
+    """SparseLinear, or DenseLinear over the unpacked weight where the layer is too dense for the bitmap to pay."""
+    sparsity = 1.0 - compressed.numel() / max(1, bitmask.shape[0] * in_features)
+    if sparsity < DENSE_BELOW.get(compressed.dtype, 0.0):
+        weight = ops.bitmap_unpack(compressed, bitmask, row_offsets, in_features)
+        return DenseLinear(weight.to(torch.bfloat16) if weight.is_floating_point() else weight, bias, weight_scale)
+    return SparseLinear(compressed, bitmask, row_offsets, in_features, bias, weight_scale)
 
 
 def _check_target(model, config, path: Path, prefix: str, shape: tuple[int, int]) -> None:

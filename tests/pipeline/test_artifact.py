@@ -351,3 +351,21 @@ def test_an_artifact_is_a_source_for_later_stages(tiny_artifact, tmp_path):
         weight = original.get_submodule(record["name"]).weight.detach()
         expected = dequantize(*quantize_per_channel(weight))
         assert torch.equal(model.get_submodule(record["name"]).weight, expected), record["name"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8])
+def test_a_barely_sparse_bitmap_runs_on_the_dense_kernel(dtype):
+    from sparamx.kernels import ops
+    from sparamx.kernels.loader import DENSE_BELOW, packed_linear
+
+    weight = torch.randn(16, 64)
+    x = torch.randn(3, 64)
+    for sparsity, kind in [(0.1, DenseLinear), (0.5, SparseLinear)]:
+        w = weight.clone()
+        w[:, : int(64 * sparsity)] = 0
+        assert (sparsity < DENSE_BELOW[dtype]) == (kind is DenseLinear)
+        q, scale = quantize_per_channel(w) if dtype == torch.int8 else (w.to(dtype), None)
+        module = packed_linear(*ops.bitmap_pack(q), 64, None, scale)
+        assert isinstance(module, kind) and module.int8 == (dtype == torch.int8)
+        reference = SparseLinear(*ops.bitmap_pack(q), 64, None, scale)
+        torch.testing.assert_close(module(x), reference(x), rtol=1e-5, atol=1e-5)
