@@ -9,6 +9,9 @@ PY := $(VENV)/bin/python
 MODEL ?= smollm2-135m
 RECIPE ?= recipes/wanda-50.yaml
 OUT ?=
+ARTIFACT ?= $(OUT)
+TASKS ?=
+LIMIT ?= 100
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
@@ -20,7 +23,7 @@ endif
 DEPS_STAMP := $(VENV)/.deps-installed
 BUILD_STAMP := $(VENV)/.ext-built
 
-.PHONY: help install prune test test-fast bench bench-kernels quality clean
+.PHONY: help install prune eval test test-fast bench bench-kernels quality clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
@@ -43,6 +46,9 @@ install: $(BUILD_STAMP)  ## create .venv, install pinned dependencies, build the
 
 prune: install  ## prune MODEL (default smollm2-135m) with RECIPE into OUT (default artifacts/<model>-<recipe>)
 	$(VENV)/bin/sparamx prune --model $(MODEL) --recipe $(RECIPE) $(if $(OUT),--out $(OUT)) --overwrite
+
+eval: install  ## lm-eval ARTIFACT (default: the last `make prune`) vs its dense model; LIMIT examples per task (0: all)
+	$(VENV)/bin/sparamx eval $(ARTIFACT) $(if $(TASKS),--tasks $(TASKS)) $(if $(filter-out 0,$(LIMIT)),--limit $(LIMIT))
 
 test: install  ## the whole suite, slow end-to-end tests on the real model included (as CI runs it)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

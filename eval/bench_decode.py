@@ -48,19 +48,36 @@ LLAMA3_8B_CONFIG = {
 
 
 def random_llama3_shaped(path: Path, layers: int) -> Path:
-    """A Llama-3-8B-shaped model with `layers` decoder layers and random bf16 weights, saved once to `path`."""
+    """A Llama-3-8B-shaped model with `layers` decoder layers and random bf16 weights (normal, std = the config's
+    initializer_range; norms 1), saved once to `path`. Tensors are made one at a time in bf16, straight into the
+    file: no fp32 copy of the model is ever held."""
     import torch
+    from accelerate import init_empty_weights
+    from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from ..pipeline.models import load_tokenizer, resolve_model
 
     if (path / "config.json").is_file():
         return path
-    torch.manual_seed(0)
     config = LlamaConfig(num_hidden_layers=layers, **LLAMA3_8B_CONFIG)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    config.dtype = torch.bfloat16
+    with init_empty_weights():
+        skeleton = LlamaForCausalLM(config)
+    generator = torch.Generator().manual_seed(0)
+    tensors = {}
+    for name, param in skeleton.state_dict().items():
+        if name.endswith("norm.weight"):
+            tensors[name] = torch.ones(param.shape, dtype=torch.bfloat16)
+        else:
+            tensors[name] = torch.empty(param.shape, dtype=torch.bfloat16).normal_(
+                0.0, config.initializer_range, generator=generator
+            )
     tmp = path.with_name(path.name + ".tmp")
-    model.save_pretrained(tmp)
+    tmp.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(tmp)
+    save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+    del tensors
     tokenizer = load_tokenizer(resolve_model("smollm2-135m"))  # any tokenizer: prompts are random token ids
     tokenizer.save_pretrained(tmp)
     os.replace(tmp, path)

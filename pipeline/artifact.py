@@ -176,6 +176,24 @@ def save_config(model, records: list[dict], structure: str):
     return config
 
 
+def update_manifest(path: str | Path, **fields) -> dict:
+    """Set top-level fields of an artifact's sparamx.json (e.g. eval results), atomically: a temporary file renamed
+    over the old one, so a reader never sees half a manifest."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    manifest.update(fields)
+    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", dir=path)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(manifest, fh, indent=2)
+        os.chmod(tmp, (path / MANIFEST).stat().st_mode & 0o777)
+        os.replace(tmp, path / MANIFEST)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return manifest
+
+
 def read_manifest(path: str | Path) -> dict:
     path = Path(path)
     file = path / MANIFEST

@@ -118,12 +118,32 @@ class QuantizeConfig:
 
 
 @dataclass
+class EvalConfig:
+    """What `sparamx eval` checks by default for artifacts made by this recipe, and the gate it must pass."""
+
+    tasks: list[str] = field(default_factory=list)  # lm-eval task names; empty: every offline task in eval/tasks
+    # Each metric of each task must keep this fraction of the dense model's score (perplexity: dense / compressed).
+    recovery_threshold: float | None = None
+    limit: int | None = None  # examples per task (None: all)
+
+    def __post_init__(self):
+        if not isinstance(self.tasks, list) or not all(isinstance(t, str) and t for t in self.tasks):
+            raise RecipeError(f"eval.tasks must be a list of lm-eval task names, got {self.tasks!r}")
+        value = self.recovery_threshold
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1):
+            raise RecipeError(f"eval.recovery_threshold must be a number in (0, 1] or null, got {value!r}")
+        if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1):
+            raise RecipeError(f"eval.limit must be a positive integer or null, got {self.limit!r}")
+
+
+@dataclass
 class Recipe:
     name: str
     description: str = ""
     prune: PruneConfig = field(default_factory=PruneConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:

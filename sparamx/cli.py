@@ -1,4 +1,4 @@
-"""`sparamx` command line: prune | inspect | generate. Errors a user can fix print as one line and exit 2."""
+"""`sparamx` command line: prune | inspect | generate | eval | info | bench. Errors a user can fix print as one line and exit 2."""
 
 import argparse
 import json
@@ -15,6 +15,8 @@ EPILOG = """examples:
   sparamx inspect artifacts/smollm2-135m-wanda-50
   sparamx generate artifacts/smollm2-135m-wanda-50 --prompt "The capital of France is"
   sparamx generate artifacts/smollm2-135m-wanda-50 --chat --prompt "What is the capital of France?"
+  sparamx eval artifacts/smollm2-135m-wanda-50 --limit 200
+  accelerate launch --multi_gpu --num_processes 2 -m sparamx.cli eval artifacts/smollm2-135m-wanda-50  # CPU, gloo
 """
 
 
@@ -24,6 +26,9 @@ def cmd_prune(args) -> int:
     report = compress(
         args.model, args.recipe, out=args.out, calib=args.calib, overwrite=args.overwrite, progress=not args.quiet
     )
+    from .eval.accuracy import remember_artifact
+
+    remember_artifact(report["out"])
     t = report["timings"]
     print(
         f"wrote {report['out']}: {report['packed']}/{report['linears']} linears packed, "
@@ -82,6 +87,24 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from .eval.accuracy import GateError, markdown, run_eval
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    try:
+        report = run_eval(
+            args.path, tasks=tasks, limit=args.limit, threshold=args.threshold, dense=not args.no_dense,
+            batch_size=args.batch_size, out=args.out,
+        )
+    except GateError as exc:
+        print(f"sparamx: {exc}", file=sys.stderr)
+        return 1
+    if report is not None:  # rank 0 of a data-parallel run, or the only process
+        print(markdown(report), end="")
+        print(f"wrote {', '.join(report.get('written', []))} and the artifact's sparamx.json ({report['seconds']:.0f}s)")
+    return 0
+
+
 def cmd_info(args) -> int:
     import torch
 
@@ -137,6 +160,26 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--max-new-tokens", type=int, default=32)
     generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     generate.set_defaults(func=cmd_generate)
+
+    evaluate = sub.add_parser(
+        "eval",
+        help="lm-eval accuracy of an artifact vs its dense source model, with the recipe's gate",
+        description="Run lm-eval on the artifact (our kernels) and on the dense model it came from; print and write "
+        "the comparison (eval/results/eval-<artifact>.{json,md} and the artifact's sparamx.json). Exits 1 when a "
+        "metric recovers less than the recipe's eval.recovery_threshold (or --threshold).",
+    )
+    evaluate.add_argument("path", nargs="?", help="artifact directory (default: the one `sparamx prune` wrote last)")
+    evaluate.add_argument(
+        "--tasks",
+        help="comma-separated lm-eval tasks (default: the recipe's eval.tasks, else every offline task in "
+        "eval/tasks: wikitext_local, arc_easy_local, ...; hub task names need the network)",
+    )
+    evaluate.add_argument("--limit", type=int, help="examples per task (default: the recipe's eval.limit, else all)")
+    evaluate.add_argument("--threshold", type=float, help="recovery gate in (0, 1] (default: the recipe's)")
+    evaluate.add_argument("--batch-size", type=int, default=4, help="lm-eval batch size (default: %(default)s)")
+    evaluate.add_argument("--no-dense", action="store_true", help="skip the dense model (no recovery, no gate)")
+    evaluate.add_argument("--out", default="eval/results", help="folder for the JSON and markdown (default: %(default)s)")
+    evaluate.set_defaults(func=cmd_eval)
 
     info = sub.add_parser("info", help="CPU features detected and the kernel path chosen")
     info.set_defaults(func=cmd_info)

@@ -1,0 +1,219 @@
+"""`sparamx eval`: an artifact (on our kernels) against its dense source model, with lm-eval, and the recipe's gate.
+
+The comparison goes into the artifact's sparamx.json ("eval") and eval/results/eval-<artifact>.{json,md}.
+Recovery is compressed / dense for scores where higher is better and dense / compressed for perplexities, so 1.0
+always means "nothing lost".
+"""
+
+import datetime
+import gc
+import hashlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from ..pipeline.artifact import read_manifest, update_manifest
+from ..pipeline.errors import SparamxError
+from ..pipeline.models import ModelSource, load_model, load_tokenizer
+from ..pipeline.recipe import Recipe
+from .harness import MAX_LENGTH, default_tasks, evaluate
+
+# Metrics shown in the table and checked by a gate; lm-eval's other outputs (byte perplexity, ...) stay in the JSON.
+REPORTED = ("acc", "acc_norm", "word_perplexity")
+
+
+class GateError(SparamxError):
+    """A metric recovered less than the recipe's eval.recovery_threshold."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sparamx"
+
+
+def last_artifact_file() -> Path:
+    """Where `sparamx prune` records the artifact it wrote last (`sparamx eval` with no PATH evaluates it)."""
+    return cache_dir() / "last-artifact"
+
+
+def remember_artifact(path: str | Path) -> None:
+    file = last_artifact_file()
+    file.parent.mkdir(parents=True, exist_ok=True)
+    file.write_text(str(Path(path).resolve()) + "\n")
+
+
+def last_artifact() -> Path:
+    file = last_artifact_file()
+    if not file.is_file():
+        raise SparamxError("no artifact given and none made yet: run `make prune` first or pass an artifact directory")
+    return Path(file.read_text().strip())
+
+
+def comparison(dense: dict, compressed: dict) -> list[dict]:
+    """One row per (task, metric) shown: both values and the recovery."""
+    rows = []
+    for task, result in compressed.items():
+        for metric in REPORTED:
+            if metric not in result["metrics"]:
+                continue
+            ours = result["metrics"][metric]
+            row = {"task": task, "metric": metric, "compressed": ours["value"], "samples": result["samples"]}
+            row["higher_is_better"] = ours["higher_is_better"]
+            base = dense.get(task, {}).get("metrics", {}).get(metric) if dense else None
+            row["dense"] = base["value"] if base else None
+            row["recovery"] = recovery(row["dense"], ours["value"], ours["higher_is_better"]) if base else None
+            rows.append(row)
+    return rows
+
+
+def recovery(dense: float, compressed: float, higher_is_better: bool) -> float:
+    if higher_is_better:
+        return compressed / dense if dense > 0 else float(compressed >= dense)
+    return dense / compressed if compressed > 0 else 1.0
+
+
+def gate_failures(rows: list[dict], tasks: list[str], threshold: float | None) -> list[str]:
+    """A line per gated metric below the threshold (every reported metric of `tasks`)."""
+    if threshold is None:
+        return []
+    return [
+        f"{r['task']} {r['metric']}: {100 * r['recovery']:.1f}% of dense "
+        f"({r['compressed']:.4g} vs {r['dense']:.4g}) < {100 * threshold:.1f}%"
+        for r in rows
+        if r["task"] in tasks and r["recovery"] is not None and r["recovery"] < threshold
+    ]
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        f"# Accuracy: {report['artifact']} vs its dense source ({report['source']})",
+        "",
+        f"lm-eval {report['lm_eval']}, {report['limit_text']}, fp32 activations; compressed model on the sparamx "
+        f"kernels, dense model on stock transformers. Recovery: compressed / dense (perplexity: dense / compressed).",
+        "",
+        "| task | metric | n | dense | compressed | recovery |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        dense = f"{r['dense']:.4f}" if r["dense"] is not None else "-"
+        rec = f"{100 * r['recovery']:.1f}%" if r["recovery"] is not None else "-"
+        lines.append(f"| {r['task']} | {r['metric']} | {r['samples']} | {dense} | {r['compressed']:.4f} | {rec} |")
+    gate = report["gate"]
+    if gate["threshold"] is not None:
+        verdict = "passed" if not gate["failures"] else "FAILED: " + "; ".join(gate["failures"])
+        lines += ["", f"Gate: every metric of {', '.join(gate['tasks'])} ≥ {100 * gate['threshold']:.1f}% — {verdict}"]
+    return "\n".join(lines) + "\n"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def dense_cache_file(source: ModelSource, tasks: list[str], limit, batch_size: int) -> Path:
+    """Dense results are the same for every artifact of one source: keyed by what could change them (the source
+    file's identity, tasks, limit, batch size, lm-eval and sparamx versions), they are computed once."""
+    import lm_eval
+
+    from .. import __version__
+
+    where = Path(source.location) / (source.gguf_file or "config.json")
+    stat = where.stat() if where.exists() else None
+    key = json.dumps(
+        [source.to_dict(), stat and [stat.st_size, stat.st_mtime_ns], sorted(tasks), limit, batch_size,
+         lm_eval.__version__, __version__, MAX_LENGTH],
+        sort_keys=True,
+    )
+    return cache_dir() / "eval" / f"dense-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+
+def _evaluate_one(load, tasks, limit, batch_size) -> dict | None:
+    model, tokenizer = load()
+    try:
+        return evaluate(model, tokenizer, tasks, limit=limit, batch_size=batch_size)
+    finally:
+        del model
+        gc.collect()
+
+
+def run_eval(
+    path: str | Path | None = None,
+    tasks: list[str] | None = None,
+    limit: int | None = None,
+    threshold: float | None = None,
+    dense: bool = True,
+    batch_size: int = 4,
+    out: str | Path | None = "eval/results",
+) -> dict | None:
+    """Evaluate an artifact and its dense source; write the comparison; returns the report (None off rank 0).
+    Raises GateError after writing everything when the gate fails."""
+    import lm_eval
+
+    from .. import load
+
+    if threshold is not None and not 0 < threshold <= 1:
+        raise SparamxError(f"--threshold must be in (0, 1], got {threshold}")
+    if limit is not None and limit < 1:
+        raise SparamxError(f"--limit must be a positive number of examples, got {limit}")
+    path = Path(path) if path else last_artifact()
+    manifest = read_manifest(path)
+    recipe = Recipe.from_dict(manifest["recipe"]) if manifest.get("recipe") else Recipe(name="unknown")
+    tasks = list(tasks or recipe.eval.tasks or default_tasks())
+    if not tasks:
+        raise SparamxError("no tasks: set SPARAMX_DATA to the shared data folder, or pass --tasks with lm-eval tasks")
+    limit = limit if limit is not None else recipe.eval.limit
+    threshold = threshold if threshold is not None else recipe.eval.recovery_threshold
+    gated = list(recipe.eval.tasks or tasks)
+
+    start = time.perf_counter()
+    source = ModelSource(**manifest["source_model"])
+    dense_results = None
+    if dense:
+        cached = dense_cache_file(source, tasks, limit, batch_size)
+        if cached.is_file() and source.kind != "hub":
+            dense_results = json.loads(cached.read_text())
+        else:
+            dense_results = _evaluate_one(
+                lambda: (load_model(source, dtype=torch.float32), load_tokenizer(source)), tasks, limit, batch_size
+            )
+            if dense_results is not None:
+                _write_atomic(cached, json.dumps(dense_results))
+    results = _evaluate_one(lambda: load(path, dtype=torch.float32), tasks, limit, batch_size)
+    if results is None:  # a non-zero rank of a data-parallel run: rank 0 reports
+        return None
+    rows = comparison(dense_results, results)
+    failures = gate_failures(rows, gated, threshold) if dense else []
+    report = {
+        "artifact": str(path),
+        "source": source.name,
+        "recipe": recipe.name,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "lm_eval": lm_eval.__version__,
+        "tasks": tasks,
+        "limit": limit,
+        "limit_text": f"first {limit} examples per task" if limit else "all examples",
+        "processes": int(os.environ.get("WORLD_SIZE", "1")),
+        "seconds": round(time.perf_counter() - start, 1),
+        "rows": rows,
+        "dense": dense_results,
+        "compressed": results,
+        "gate": {"tasks": gated, "threshold": threshold, "failures": failures, "passed": not failures},
+    }
+    update_manifest(path, eval=report)
+    if out:
+        stem = Path(out) / f"eval-{path.name}"
+        _write_atomic(stem.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
+        _write_atomic(stem.with_suffix(".md"), markdown(report))
+        report["written"] = [str(stem.with_suffix(".json")), str(stem.with_suffix(".md"))]
+    if failures:
+        raise GateError(
+            f"accuracy gate failed for {path.name} (recipe {recipe.name}): " + "; ".join(failures)
+        )
+    return report
