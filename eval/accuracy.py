@@ -127,8 +127,16 @@ def dense_cache_file(source: ModelSource, tasks: list[str], limit, batch_size: i
     where = Path(source.location) / (source.gguf_file or "config.json")
     stat = where.stat() if where.exists() else None
     key = json.dumps(
-        [source.to_dict(), stat and [stat.st_size, stat.st_mtime_ns], sorted(tasks), limit, batch_size,
-         lm_eval.__version__, __version__, MAX_LENGTH],
+        [
+            source.to_dict(),
+            stat and [stat.st_size, stat.st_mtime_ns],
+            sorted(tasks),
+            limit,
+            batch_size,
+            lm_eval.__version__,
+            __version__,
+            MAX_LENGTH,
+        ],
         sort_keys=True,
     )
     return cache_dir() / "eval" / f"dense-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
@@ -213,7 +221,5 @@ def run_eval(
         _write_atomic(stem.with_suffix(".md"), markdown(report))
         report["written"] = [str(stem.with_suffix(".json")), str(stem.with_suffix(".md"))]
     if failures:
-        raise GateError(
-            f"accuracy gate failed for {path.name} (recipe {recipe.name}): " + "; ".join(failures)
-        )
+        raise GateError(f"accuracy gate failed for {path.name} (recipe {recipe.name}): " + "; ".join(failures))
     return report

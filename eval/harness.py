@@ -61,10 +61,9 @@ class SparamxLM(HFLM):
     one of several started by `accelerate launch` / `torchrun` (each scores its share, rank 0 gathers)."""
 
     def __init__(self, model, tokenizer, batch_size: int = 4, max_length: int | None = None):
-        limit = getattr(model.config, "max_position_embeddings", None) or MAX_LENGTH
-        super().__init__(
-            pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length or min(limit, MAX_LENGTH)
-        )
+        context = getattr(model.config, "max_position_embeddings", None) or MAX_LENGTH
+        max_length = max_length or min(context, MAX_LENGTH)
+        super().__init__(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             from accelerate import Accelerator
 

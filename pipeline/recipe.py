@@ -132,7 +132,8 @@ class EvalConfig:
         value = self.recovery_threshold
         if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1):
             raise RecipeError(f"eval.recovery_threshold must be a number in (0, 1] or null, got {value!r}")
-        if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1):
+        limit = self.limit
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
             raise RecipeError(f"eval.limit must be a positive integer or null, got {self.limit!r}")
 
 

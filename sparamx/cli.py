@@ -1,4 +1,4 @@
-"""`sparamx` command line: prune | inspect | generate | eval | info | bench. Errors a user can fix print as one line and exit 2."""
+"""`sparamx` command line: prune | inspect | generate | eval | info | bench. Fixable errors: one line, exit 2."""
 
 import argparse
 import json
@@ -93,15 +93,21 @@ def cmd_eval(args) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     try:
         report = run_eval(
-            args.path, tasks=tasks, limit=args.limit, threshold=args.threshold, dense=not args.no_dense,
-            batch_size=args.batch_size, out=args.out,
+            args.path,
+            tasks=tasks,
+            limit=args.limit,
+            threshold=args.threshold,
+            dense=not args.no_dense,
+            batch_size=args.batch_size,
+            out=args.out,
         )
     except GateError as exc:
         print(f"sparamx: {exc}", file=sys.stderr)
         return 1
     if report is not None:  # rank 0 of a data-parallel run, or the only process
         print(markdown(report), end="")
-        print(f"wrote {', '.join(report.get('written', []))} and the artifact's sparamx.json ({report['seconds']:.0f}s)")
+        written = ", ".join(report.get("written", []))
+        print(f"wrote {written} and the artifact's sparamx.json ({report['seconds']:.0f}s)")
     return 0
 
 
@@ -178,7 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--threshold", type=float, help="recovery gate in (0, 1] (default: the recipe's)")
     evaluate.add_argument("--batch-size", type=int, default=4, help="lm-eval batch size (default: %(default)s)")
     evaluate.add_argument("--no-dense", action="store_true", help="skip the dense model (no recovery, no gate)")
-    evaluate.add_argument("--out", default="eval/results", help="folder for the JSON and markdown (default: %(default)s)")
+    evaluate.add_argument(
+        "--out", default="eval/results", help="folder for the JSON and markdown (default: %(default)s)"
+    )
     evaluate.set_defaults(func=cmd_eval)
 
     info = sub.add_parser("info", help="CPU features detected and the kernel path chosen")

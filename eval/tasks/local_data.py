@@ -74,7 +74,8 @@ def piqa(**meta) -> datasets.DatasetDict:
     rows, labels = _jsonl(folder / "valid.jsonl"), _labels(folder / "valid-labels.lst")
     if len(rows) != len(labels):
         raise ValueError(f"{folder}: {len(rows)} questions but {len(labels)} labels")
-    return _split([{"goal": r["goal"], "sol1": r["sol1"], "sol2": r["sol2"], "label": y} for r, y in zip(rows, labels)])
+    pairs = zip(rows, labels, strict=True)
+    return _split([{"goal": r["goal"], "sol1": r["sol1"], "sol2": r["sol2"], "label": y} for r, y in pairs])
 
 
 def hellaswag(**meta) -> datasets.DatasetDict:
@@ -106,7 +107,10 @@ def openbookqa(**meta) -> datasets.DatasetDict:
             parts = re.split(r"\(([A-D])\) ", r["Choices"])[1:]
             labels, texts = parts[0::2], [t.strip() for t in parts[1::2]]
             rows.append(
-                {"question_stem": r["Question Stem"], "choices": {"text": texts, "label": labels},
-                 "answerKey": r["Answer Key"].strip()}
+                {
+                    "question_stem": r["Question Stem"],
+                    "choices": {"text": texts, "label": labels},
+                    "answerKey": r["Answer Key"].strip(),
+                }
             )
     return _split(rows, "test")
