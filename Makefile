@@ -12,6 +12,7 @@ OUT ?=
 ARTIFACT ?= $(OUT)
 TASKS ?=
 LIMIT ?= 100
+DOCS ?= 5
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
@@ -47,8 +48,9 @@ install: $(BUILD_STAMP)  ## create .venv, install pinned dependencies, build the
 prune: install  ## prune MODEL (default smollm2-135m) with RECIPE into OUT (default artifacts/<model>-<recipe>)
 	$(VENV)/bin/sparamx prune --model $(MODEL) --recipe $(RECIPE) $(if $(OUT),--out $(OUT)) --overwrite
 
-eval: install  ## lm-eval ARTIFACT (default: the last `make prune`) vs its dense model; LIMIT examples per task (0: all)
-	$(VENV)/bin/sparamx eval $(ARTIFACT) $(if $(TASKS),--tasks $(TASKS)) $(if $(filter-out 0,$(LIMIT)),--limit $(LIMIT))
+eval: install  ## lm-eval ARTIFACT (default: last `make prune`) vs its dense model; LIMIT examples, DOCS articles (0: all)
+	$(VENV)/bin/sparamx eval $(ARTIFACT) $(if $(TASKS),--tasks $(TASKS)) \
+		$(if $(filter-out 0,$(LIMIT)),--limit $(LIMIT)) $(if $(filter-out 0,$(DOCS)),--docs $(DOCS))
 
 test: install  ## the whole suite, slow end-to-end tests on the real model included (as CI runs it)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

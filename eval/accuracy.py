@@ -108,6 +108,13 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def limit_text(limit, docs) -> str:
+    examples = f"first {limit} examples per task" if limit else "all examples"
+    if docs is not None and docs != limit:
+        examples += f", first {docs} documents per perplexity task"
+    return examples
+
+
 def _write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -117,7 +124,7 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def dense_cache_file(source: ModelSource, tasks: list[str], limit, batch_size: int) -> Path:
+def dense_cache_file(source: ModelSource, tasks: list[str], limit, docs, batch_size: int) -> Path:
     """Dense results are the same for every artifact of one source: keyed by what could change them (the source
     file's identity, tasks, limit, batch size, lm-eval and sparamx versions), they are computed once."""
     import lm_eval
@@ -142,10 +149,10 @@ def dense_cache_file(source: ModelSource, tasks: list[str], limit, batch_size: i
     return cache_dir() / "eval" / f"dense-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
-def _evaluate_one(load, tasks, limit, batch_size) -> dict | None:
+def _evaluate_one(load, tasks, limit, docs, batch_size) -> dict | None:
     model, tokenizer = load()
     try:
-        return evaluate(model, tokenizer, tasks, limit=limit, batch_size=batch_size)
+        return evaluate(model, tokenizer, tasks, limit=limit, docs=docs, batch_size=batch_size)
     finally:
         del model
         gc.collect()
@@ -155,6 +162,7 @@ def run_eval(
     path: str | Path | None = None,
     tasks: list[str] | None = None,
     limit: int | None = None,
+    docs: int | None = None,
     threshold: float | None = None,
     dense: bool = True,
     batch_size: int = 4,
@@ -168,8 +176,9 @@ def run_eval(
 
     if threshold is not None and not 0 < threshold <= 1:
         raise SparamxError(f"--threshold must be in (0, 1], got {threshold}")
-    if limit is not None and limit < 1:
-        raise SparamxError(f"--limit must be a positive number of examples, got {limit}")
+    for name, value in (("--limit", limit), ("--docs", docs)):
+        if value is not None and value < 1:
+            raise SparamxError(f"{name} must be a positive number, got {value}")
     path = Path(path) if path else last_artifact()
     manifest = read_manifest(path)
     recipe = Recipe.from_dict(manifest["recipe"]) if manifest.get("recipe") else Recipe(name="unknown")
@@ -177,6 +186,7 @@ def run_eval(
     if not tasks:
         raise SparamxError("no tasks: set SPARAMX_DATA to the shared data folder, or pass --tasks with lm-eval tasks")
     limit = limit if limit is not None else recipe.eval.limit
+    docs = docs if docs is not None else recipe.eval.docs
     threshold = threshold if threshold is not None else recipe.eval.recovery_threshold
     gated = list(recipe.eval.tasks or tasks)
 
@@ -184,16 +194,20 @@ def run_eval(
     source = ModelSource(**manifest["source_model"])
     dense_results = None
     if dense:
-        cached = dense_cache_file(source, tasks, limit, batch_size)
+        cached = dense_cache_file(source, tasks, limit, docs, batch_size)
         if cached.is_file() and source.kind != "hub":
             dense_results = json.loads(cached.read_text())
         else:
             dense_results = _evaluate_one(
-                lambda: (load_model(source, dtype=torch.float32), load_tokenizer(source)), tasks, limit, batch_size
+                lambda: (load_model(source, dtype=torch.float32), load_tokenizer(source)),
+                tasks,
+                limit,
+                docs,
+                batch_size,
             )
             if dense_results is not None:
                 _write_atomic(cached, json.dumps(dense_results))
-    results = _evaluate_one(lambda: load(path, dtype=torch.float32), tasks, limit, batch_size)
+    results = _evaluate_one(lambda: load(path, dtype=torch.float32), tasks, limit, docs, batch_size)
     if results is None:  # a non-zero rank of a data-parallel run: rank 0 reports
         return None
     rows = comparison(dense_results, results)
@@ -206,7 +220,8 @@ def run_eval(
         "lm_eval": lm_eval.__version__,
         "tasks": tasks,
         "limit": limit,
-        "limit_text": f"first {limit} examples per task" if limit else "all examples",
+        "docs": docs,
+        "limit_text": limit_text(limit, docs),
         "processes": int(os.environ.get("WORLD_SIZE", "1")),
         "seconds": round(time.perf_counter() - start, 1),
         "rows": rows,

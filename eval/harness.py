@@ -72,18 +72,35 @@ class SparamxLM(HFLM):
             self._world_size = self.accelerator.num_processes
 
 
-def evaluate(model, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 4) -> dict | None:
-    """lm-eval `simple_evaluate` of `model` on `tasks` -> {task: {metric: value}} plus "higher_is_better" per metric
-    and "samples" (examples scored) per task, on rank 0; None on the other ranks of a data-parallel run."""
-    from lm_eval import simple_evaluate
+def evaluate(
+    model, tokenizer, tasks: list[str], limit: int | None = None, docs: int | None = None, batch_size: int = 4
+) -> dict | None:
+    """lm-eval `simple_evaluate` of `model` on `tasks` -> {task: {"metrics": {metric: value, stderr,
+    higher_is_better}, "samples": n}} on rank 0; None on the other ranks of a data-parallel run.
 
+    `limit`: the first N examples of each task; `docs`: the first N documents of each rolling-perplexity task instead
+    (a WikiText article is thousands of tokens, a multiple-choice example a few dozen)."""
+    from lm_eval import simple_evaluate
+    from lm_eval.api.task import Task
+    from lm_eval.tasks import get_task_dict
+
+    manager = task_manager(tasks)
+    loaded = get_task_dict(list(tasks), manager)
+    samples = None
+    if all(isinstance(t, Task) for t in loaded.values()) and (limit is not None or docs is not None):
+        samples = {}
+        for name, task in loaded.items():
+            n = docs if task.OUTPUT_TYPE == "loglikelihood_rolling" and docs is not None else limit
+            if n is not None:
+                samples[name] = list(range(min(n, len(task.eval_docs))))
     lm = SparamxLM(model, tokenizer, batch_size=batch_size)
     with torch.no_grad():
         out = simple_evaluate(
             lm,
-            tasks=list(tasks),
-            limit=limit,
-            task_manager=task_manager(tasks),
+            tasks=list(loaded.values()) if samples is not None else list(tasks),
+            limit=None if samples is not None else limit,
+            samples=samples,
+            task_manager=manager,
             log_samples=False,
             bootstrap_iters=1000,
         )

@@ -125,6 +125,7 @@ class EvalConfig:
     # Each metric of each task must keep this fraction of the dense model's score (perplexity: dense / compressed).
     recovery_threshold: float | None = None
     limit: int | None = None  # examples per task (None: all)
+    docs: int | None = None  # documents per rolling-perplexity task such as wikitext (None: as limit)
 
     def __post_init__(self):
         if not isinstance(self.tasks, list) or not all(isinstance(t, str) and t for t in self.tasks):
@@ -132,9 +133,10 @@ class EvalConfig:
         value = self.recovery_threshold
         if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1):
             raise RecipeError(f"eval.recovery_threshold must be a number in (0, 1] or null, got {value!r}")
-        limit = self.limit
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-            raise RecipeError(f"eval.limit must be a positive integer or null, got {self.limit!r}")
+        for key in ("limit", "docs"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise RecipeError(f"eval.{key} must be a positive integer or null, got {value!r}")
 
 
 @dataclass

@@ -181,6 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
         "eval/tasks: wikitext_local, arc_easy_local, ...; hub task names need the network)",
     )
     evaluate.add_argument("--limit", type=int, help="examples per task (default: the recipe's eval.limit, else all)")
+    evaluate.add_argument(
+        "--docs",
+        type=int,
+        help="documents per perplexity task such as wikitext_local (an article is thousands of tokens; "
+        "default: the recipe's eval.docs, else as --limit)",
+    )
     evaluate.add_argument("--threshold", type=float, help="recovery gate in (0, 1] (default: the recipe's)")
     evaluate.add_argument("--batch-size", type=int, default=4, help="lm-eval batch size (default: %(default)s)")
     evaluate.add_argument("--no-dense", action="store_true", help="skip the dense model (no recovery, no gate)")

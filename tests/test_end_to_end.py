@@ -1,5 +1,7 @@
 """The default model, the shipped recipes and real WikiText-2 text, end to end (slow: ~8 min on 2 cores)."""
 
+import json
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -127,6 +129,28 @@ def test_loaded_artifact_completes_the_prompt(artifacts, dense, report):
         report(f"generate {name}: {text!r} (perplexity of the completion under the dense model: {fluency:.1f})")
         assert len(set(completions[name][0].tolist())) >= 6, text  # not one token repeated
     assert "Paris" in tokenizer.decode(completions["dense"][0])
+
+
+def test_eval_gate_passes_wanda_and_fails_magnitude_90(artifacts, tmp_path, monkeypatch, capsys, report):
+    """`sparamx eval` with each recipe's own gate (>= 80% of dense on hellaswag_local and piqa_local, first 100
+    examples), on hellaswag_local to keep CI short: the dense model is scored once (cached) for both artifacts."""
+    from sparamx.cli import main
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    broken = tmp_path / "magnitude-90"
+    sparamx.compress("smollm2-135m", "recipes/magnitude-90.yaml", out=broken, progress=False)
+    codes = {}
+    for name, path in (("wanda-50", artifacts["wanda-50"]), ("magnitude-90", broken)):
+        codes[name] = main(["eval", str(path), "--tasks", "hellaswag_local", "--out", str(tmp_path / "results")])
+        stored = json.loads((path / "sparamx.json").read_text())["eval"]
+        for row in stored["rows"]:
+            report(
+                f"eval {name}: {row['task']} {row['metric']} (n={row['samples']}) dense {row['dense']:.3f}, "
+                f"compressed {row['compressed']:.3f}, recovery {100 * row['recovery']:.1f}%"
+            )
+        assert stored["gate"]["threshold"] == 0.8 and stored["limit"] == 100
+    assert codes == {"wanda-50": 0, "magnitude-90": 1}
+    assert "accuracy gate failed for magnitude-90" in capsys.readouterr().err
 
 
 def test_perplexity_dense_beats_wanda_beats_magnitude_and_int8_keeps_it(artifacts, wikitext, dense, report):
