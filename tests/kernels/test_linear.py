@@ -115,7 +115,10 @@ def test_leading_dims_empty_batch_and_threads(fmt):
         single = case.run(x)
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(single, y)  # each output is summed by one thread in a fixed order
+    if ops.isa() == "reference":  # torch's GEMM: its reduction order may change with the thread count
+        torch.testing.assert_close(single, y, rtol=1e-5, atol=1e-5)
+    else:
+        assert torch.equal(single, y)  # our kernels: each output is summed by one thread in a fixed order
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
