@@ -96,6 +96,7 @@ def cmd_eval(args) -> int:
             args.path,
             tasks=tasks,
             limit=args.limit,
+            docs=args.docs,
             threshold=args.threshold,
             dense=not args.no_dense,
             batch_size=args.batch_size,

@@ -131,7 +131,8 @@ def _launch(args: list[str], processes: int, env: dict) -> subprocess.CompletedP
 def test_two_processes_give_the_single_process_numbers(artifact, tmp_path):
     """accelerate launch with 2 CPU processes: each scores half the requests, rank 0 gathers; the numbers are the
     ones a single process gets."""
-    args = ["eval", str(artifact), "--tasks", "arc_easy_local,wikitext_local", "--limit", "6", "--no-dense"]
+    args = ["eval", str(artifact), "--tasks", "arc_easy_local,wikitext_local", "--limit", "6", "--docs", "2"]
+    args += ["--no-dense"]
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
     single = subprocess.run(
         [sys.executable, "-m", "sparamx.cli", *args, "--out", str(tmp_path / "one")],
@@ -145,6 +146,7 @@ def test_two_processes_give_the_single_process_numbers(artifact, tmp_path):
     one = json.loads((tmp_path / "one" / f"eval-{artifact.name}.json").read_text())
     two = json.loads((tmp_path / "two" / f"eval-{artifact.name}.json").read_text())
     assert two["processes"] == 2 and one["processes"] == 1
+    assert {r["task"]: r["samples"] for r in one["rows"]} == {"arc_easy_local": 6, "wikitext_local": 2}
     for a, b in zip(one["rows"], two["rows"], strict=True):
         assert (a["task"], a["metric"], a["samples"]) == (b["task"], b["metric"], b["samples"])
         assert b["compressed"] == pytest.approx(a["compressed"], rel=1e-4)
