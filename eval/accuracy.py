@@ -31,6 +31,9 @@ class GateError(SparamxError):
 
 
 def cache_dir() -> Path:
+    """$SPARAMX_CACHE, else $XDG_CACHE_HOME/sparamx (~/.cache/sparamx)."""
+    if os.environ.get("SPARAMX_CACHE"):
+        return Path(os.environ["SPARAMX_CACHE"])
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sparamx"
 
 

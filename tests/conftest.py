@@ -1,4 +1,5 @@
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,8 @@ REPO = Path(__file__).resolve().parents[1]
 if "SPARAMX_DATA" not in os.environ and (REPO.parent / "shared" / "data").is_dir():
     os.environ["SPARAMX_DATA"] = str(REPO.parent / "shared" / "data")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The last-artifact pointer and cached dense eval results of test runs stay out of the user's cache.
+os.environ.setdefault("SPARAMX_CACHE", tempfile.mkdtemp(prefix="sparamx-test-cache-"))
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 

@@ -136,7 +136,7 @@ def test_eval_gate_passes_wanda_and_fails_magnitude_90(artifacts, tmp_path, monk
     examples), on hellaswag_local to keep CI short: the dense model is scored once (cached) for both artifacts."""
     from sparamx.cli import main
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("SPARAMX_CACHE", str(tmp_path / "cache"))
     broken = tmp_path / "magnitude-90"
     sparamx.compress("smollm2-135m", "recipes/magnitude-90.yaml", out=broken, progress=False)
     codes = {}

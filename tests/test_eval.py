@@ -32,7 +32,7 @@ SIZES = {
 @pytest.fixture(autouse=True)
 def private_cache(tmp_path, monkeypatch):
     """Dense results and the last-artifact pointer go to a per-test cache, not the user's."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("SPARAMX_CACHE", str(tmp_path / "cache"))
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +114,7 @@ def test_eval_without_a_path_takes_the_last_pruned_artifact(tmp_path):
         [sys.executable, "-m", "sparamx.cli", "eval"],
         capture_output=True,
         text=True,
-        env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "empty")},
+        env={**os.environ, "SPARAMX_CACHE": str(tmp_path / "empty")},
     )
     assert result.returncode == 2 and "make prune" in result.stderr.strip().splitlines()[-1]
 
@@ -133,7 +133,7 @@ def test_two_processes_give_the_single_process_numbers(artifact, tmp_path):
     ones a single process gets."""
     args = ["eval", str(artifact), "--tasks", "arc_easy_local,wikitext_local", "--limit", "6", "--docs", "2"]
     args += ["--no-dense"]
-    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    env = {**os.environ, "SPARAMX_CACHE": str(tmp_path / "cache")}
     single = subprocess.run(
         [sys.executable, "-m", "sparamx.cli", *args, "--out", str(tmp_path / "one")],
         capture_output=True,
