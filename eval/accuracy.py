@@ -10,13 +10,12 @@ import gc
 import hashlib
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from ..pipeline.artifact import read_manifest, update_manifest
+from ..pipeline.artifact import cache_dir, last_artifact, read_manifest, update_manifest, write_text_atomic
 from ..pipeline.errors import SparamxError
 from ..pipeline.models import ModelSource, load_model, load_tokenizer
 from ..pipeline.recipe import Recipe
@@ -28,31 +27,6 @@ REPORTED = ("acc", "acc_norm", "word_perplexity")
 
 class GateError(SparamxError):
     """A metric recovered less than the recipe's eval.recovery_threshold."""
-
-
-def cache_dir() -> Path:
-    """$SPARAMX_CACHE, else $XDG_CACHE_HOME/sparamx (~/.cache/sparamx)."""
-    if os.environ.get("SPARAMX_CACHE"):
-        return Path(os.environ["SPARAMX_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sparamx"
-
-
-def last_artifact_file() -> Path:
-    """Where `sparamx prune` records the artifact it wrote last (`sparamx eval` with no PATH evaluates it)."""
-    return cache_dir() / "last-artifact"
-
-
-def remember_artifact(path: str | Path) -> None:
-    file = last_artifact_file()
-    file.parent.mkdir(parents=True, exist_ok=True)
-    file.write_text(str(Path(path).resolve()) + "\n")
-
-
-def last_artifact() -> Path:
-    file = last_artifact_file()
-    if not file.is_file():
-        raise SparamxError("no artifact given and none made yet: run `make prune` first or pass an artifact directory")
-    return Path(file.read_text().strip())
 
 
 def comparison(dense: dict, compressed: dict) -> list[dict]:
@@ -118,15 +92,6 @@ def limit_text(limit, docs) -> str:
     return examples
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
 def dense_cache_file(source: ModelSource, tasks: list[str], limit, docs, batch_size: int) -> Path:
     """Dense results are the same for every artifact of one source: keyed by what could change them (the source
     file's identity, tasks, limit, batch size, lm-eval and sparamx versions), they are computed once."""
@@ -142,6 +107,7 @@ def dense_cache_file(source: ModelSource, tasks: list[str], limit, docs, batch_s
             stat and [stat.st_size, stat.st_mtime_ns],
             sorted(tasks),
             limit,
+            docs,
             batch_size,
             lm_eval.__version__,
             __version__,
@@ -209,7 +175,7 @@ def run_eval(
                 batch_size,
             )
             if dense_results is not None:
-                _write_atomic(cached, json.dumps(dense_results))
+                write_text_atomic(cached, json.dumps(dense_results))
     results = _evaluate_one(lambda: load(path, dtype=torch.float32), tasks, limit, docs, batch_size)
     if results is None:  # a non-zero rank of a data-parallel run: rank 0 reports
         return None
@@ -235,8 +201,8 @@ def run_eval(
     update_manifest(path, eval=report)
     if out:
         stem = Path(out) / f"eval-{path.name}"
-        _write_atomic(stem.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
-        _write_atomic(stem.with_suffix(".md"), markdown(report))
+        write_text_atomic(stem.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
+        write_text_atomic(stem.with_suffix(".md"), markdown(report))
         report["written"] = [str(stem.with_suffix(".json")), str(stem.with_suffix(".md"))]
     if failures:
         raise GateError(f"accuracy gate failed for {path.name} (recipe {recipe.name}): " + "; ".join(failures))

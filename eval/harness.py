@@ -86,8 +86,9 @@ def evaluate(
 
     manager = task_manager(tasks)
     loaded = get_task_dict(list(tasks), manager)
+    flat = all(isinstance(t, Task) for t in loaded.values())  # no groups: hand lm-eval the tasks loaded here
     samples = None
-    if all(isinstance(t, Task) for t in loaded.values()) and (limit is not None or docs is not None):
+    if flat and (limit is not None or docs is not None):
         samples = {}
         for name, task in loaded.items():
             n = docs if task.OUTPUT_TYPE == "loglikelihood_rolling" and docs is not None else limit
@@ -97,7 +98,7 @@ def evaluate(
     with torch.no_grad():
         out = simple_evaluate(
             lm,
-            tasks=list(loaded.values()) if samples is not None else list(tasks),
+            tasks=list(loaded.values()) if flat else list(tasks),
             limit=None if samples is not None else limit,
             samples=samples,
             task_manager=manager,

@@ -176,22 +176,47 @@ def save_config(model, records: list[dict], structure: str):
     return config
 
 
-def update_manifest(path: str | Path, **fields) -> dict:
-    """Set top-level fields of an artifact's sparamx.json (e.g. eval results), atomically: a temporary file renamed
-    over the old one, so a reader never sees half a manifest."""
+def write_text_atomic(path: str | Path, text: str, mode: int = 0o644) -> None:
+    """Write a text file through a temporary sibling renamed over it: a reader sees the old file or the new one."""
     path = Path(path)
-    manifest = read_manifest(path)
-    manifest.update(fields)
-    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", dir=path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as fh:
-            json.dump(manifest, fh, indent=2)
-        os.chmod(tmp, (path / MANIFEST).stat().st_mode & 0o777)
-        os.replace(tmp, path / MANIFEST)
+            fh.write(text)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def update_manifest(path: str | Path, **fields) -> dict:
+    """Set top-level fields of an artifact's sparamx.json (e.g. eval results), atomically."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    manifest.update(fields)
+    write_text_atomic(path / MANIFEST, json.dumps(manifest, indent=2), (path / MANIFEST).stat().st_mode & 0o777)
     return manifest
+
+
+def cache_dir() -> Path:
+    """$SPARAMX_CACHE, else $XDG_CACHE_HOME/sparamx (~/.cache/sparamx)."""
+    if os.environ.get("SPARAMX_CACHE"):
+        return Path(os.environ["SPARAMX_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sparamx"
+
+
+def remember_artifact(path: str | Path) -> None:
+    """Record the artifact `sparamx prune` wrote last (`sparamx eval` with no PATH evaluates it)."""
+    write_text_atomic(cache_dir() / "last-artifact", str(Path(path).resolve()) + "\n")
+
+
+def last_artifact() -> Path:
+    file = cache_dir() / "last-artifact"
+    if not file.is_file():
+        raise ArtifactError("no artifact given and none made yet: run `make prune` first or pass an artifact directory")
+    return Path(file.read_text().strip())
 
 
 def read_manifest(path: str | Path) -> dict:

@@ -26,7 +26,7 @@ def cmd_prune(args) -> int:
     report = compress(
         args.model, args.recipe, out=args.out, calib=args.calib, overwrite=args.overwrite, progress=not args.quiet
     )
-    from .eval.accuracy import remember_artifact
+    from .pipeline.artifact import remember_artifact
 
     remember_artifact(report["out"])
     t = report["timings"]
