@@ -24,7 +24,7 @@ endif
 DEPS_STAMP := $(VENV)/.deps-installed
 BUILD_STAMP := $(VENV)/.ext-built
 
-.PHONY: help install prune eval test test-fast bench bench-kernels quality clean
+.PHONY: help install prune eval test test-fast bench bench-kernels bench-crossover quality clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
@@ -63,6 +63,9 @@ bench: install  ## decode benchmark, stock transformers vs our runtime per recip
 
 bench-kernels: install  ## kernel microbenchmark at Llama-3-8B shapes -> eval/results/kernels.{json,md,png}
 	$(PY) -m sparamx.eval.bench_kernels --out eval/results
+
+bench-crossover: install  ## AVX-512 vs AMX vs torch bf16 by rows of x (needs AVX-512; AMX for its column) -> eval/results/crossover.*
+	$(PY) -m sparamx.eval.bench_crossover --out eval/results
 
 quality: install  ## ruff lint and format check
 	$(VENV)/bin/ruff check .

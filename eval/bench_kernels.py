@@ -215,7 +215,7 @@ def main(argv=None) -> int:
     meta = {
         "cpu": cpu_line(),
         "threads": torch.get_num_threads(),
-        "isa": ops.isa(),
+        "isa": ops.describe_isa(),
         "torch": torch.__version__,
         "working_set_gb": args.working_set_gb,
         "repeats": args.repeats,

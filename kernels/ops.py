@@ -61,6 +61,7 @@ def dense_linear(
 
 
 ROWS_PER_BLOCK = 4  # kRows of csrc/packed_format.h
+AMX_MIN_ROWS = 8  # kAmxRows of csrc/linear.cpp: from how many rows of x isa=auto runs AMX tiles (where present)
 
 FEATURES = (
     "avx512f",
@@ -73,9 +74,11 @@ FEATURES = (
     "amx_bf16",
     "amx_int8",
 )
-# Must match has_avx512_kernels() in csrc/cpu_features.cpp.
+# Must match has_avx512_kernels() / has_amx_kernels() in csrc/cpu_features.cpp.
 AVX512_KERNEL_FEATURES = {"avx512f", "avx512bw", "avx512vl", "avx512_vbmi2", "avx512_vnni", "avx512_bf16"}
-ISAS = ("reference", "avx512")
+AMX_KERNEL_FEATURES = AVX512_KERNEL_FEATURES | {"amx_tile", "amx_bf16", "amx_int8"}
+ISAS = ("reference", "avx512", "amx")
+_NEEDS = {"reference": set(), "avx512": AVX512_KERNEL_FEATURES, "amx": AMX_KERNEL_FEATURES}
 
 
 @functools.cache
@@ -86,20 +89,34 @@ def cpu_features() -> frozenset[str]:
 
 
 def available_isas() -> tuple[str, ...]:
-    return ("reference", "avx512") if AVX512_KERNEL_FEATURES <= cpu_features() else ("reference",)
+    """The kernel paths this CPU can run, worst to best."""
+    return tuple(name for name in ISAS if _NEEDS[name] <= cpu_features())
 
 
 def isa() -> str:
-    """The kernel path: $SPARAMX_ISA when set (reference | avx512), else the best this CPU has."""
+    """What the ops are asked for: $SPARAMX_ISA when set (reference | avx512 | amx: that path at every M), else
+    "auto" (AMX tiles from AMX_MIN_ROWS rows of x where the CPU has AMX, the AVX-512 kernels below, else reference).
+    """
     forced = os.environ.get("SPARAMX_ISA", "").strip().lower()
-    if not forced:
-        return available_isas()[-1]
+    if not forced or forced == "auto":
+        return "auto"
     if forced not in ISAS:
-        raise ValueError(f"SPARAMX_ISA={forced!r}: expected one of {', '.join(ISAS)}")
+        raise ValueError(f"SPARAMX_ISA={forced!r}: expected one of auto, {', '.join(ISAS)}")
     if forced not in available_isas():
-        missing = ", ".join(sorted(AVX512_KERNEL_FEATURES - cpu_features()))
+        missing = ", ".join(sorted(_NEEDS[forced] - cpu_features()))
         raise RuntimeError(f"SPARAMX_ISA={forced} but this CPU lacks {missing}")
     return forced
+
+
+def describe_isa() -> str:
+    """One line: the path each size of x takes, e.g. "amx from 8 rows of x, avx512 below"."""
+    chosen = isa()
+    if chosen != "auto":
+        return f"{chosen} (forced by SPARAMX_ISA)"
+    best = available_isas()
+    if "amx" in best:
+        return f"amx from {AMX_MIN_ROWS} rows of x, avx512 below"
+    return best[-1]
 
 
 @torch.library.register_fake("sparamx::bitmap_linear")

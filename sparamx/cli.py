@@ -2,7 +2,6 @@
 
 import argparse
 import json
-import os
 import sys
 import time
 
@@ -120,10 +119,7 @@ def cmd_info(args) -> int:
     features = ops.cpu_features()
     print(f"sparamx {__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("cpu features: " + (", ".join(f for f in ops.FEATURES if f in features) or "none of interest"))
-    print(
-        f"kernel paths available: {', '.join(ops.available_isas())}; chosen: {ops.isa()}"
-        + (" (forced by SPARAMX_ISA)" if os.environ.get("SPARAMX_ISA") else "")
-    )
+    print(f"kernel paths available: {', '.join(ops.available_isas())}; chosen: {ops.describe_isa()}")
     if "amx_tile" not in features:
         print("AMX: not available to this process (no amx_tile in cpuid, or arch_prctl refused tile data)")
     return 0

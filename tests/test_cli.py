@@ -34,7 +34,7 @@ def test_info_reports_the_detected_path(capsys):
 
     assert main(["info"]) == 0
     out = capsys.readouterr().out
-    assert f"chosen: {ops.isa()}" in out and "cpu features:" in out
+    assert f"chosen: {ops.describe_isa()}" in out and "cpu features:" in out
 
 
 def test_inspect_prints_layers_and_totals(artifact, capsys):

@@ -56,4 +56,9 @@ bool has_avx512_kernels() {
   return (cpu_features() & need) == need;
 }
 
+bool has_amx_kernels() {
+  constexpr int64_t need = kAmxTile | kAmxBf16 | kAmxInt8;
+  return has_avx512_kernels() && (cpu_features() & need) == need;
+}
+
 }  // namespace sparamx

@@ -19,5 +19,7 @@ enum CpuFeature : int64_t {
 int64_t cpu_features();
 // AVX-512 F/BW/VL/VBMI2/VNNI/BF16: what the expand-load kernels of linear.cpp use.
 bool has_avx512_kernels();
+// The above plus AMX tile / bf16 / int8 with tile-data permission: what linear_amx.cpp uses.
+bool has_amx_kernels();
 
 }  // namespace sparamx

@@ -115,7 +115,7 @@ def test_leading_dims_empty_batch_and_threads(fmt):
         single = case.run(x)
     finally:
         torch.set_num_threads(threads)
-    if ops.isa() == "reference":  # torch's GEMM: its reduction order may change with the thread count
+    if ops.available_isas()[-1] == "reference":  # torch's GEMM: its reduction order may change with the threads
         torch.testing.assert_close(single, y, rtol=1e-5, atol=1e-5)
     else:
         assert torch.equal(single, y)  # our kernels: each output is summed by one thread in a fixed order
@@ -185,7 +185,7 @@ def test_inconsistent_masks_are_an_error_not_a_crash(isa, fmt):
         (dict(block_offsets=lambda b: b[:-1]), "block_offsets must be contiguous int64 \\[3\\]"),
         (dict(weight_scale=torch.ones(6)), "weight_scale is only for int8"),
         (dict(out_features=9), "masks must be contiguous uint8"),  # 3 blocks of 4 rows, not 2
-        (dict(isa="amx512"), "isa must be auto, reference or avx512"),
+        (dict(isa="amx512"), "isa must be auto, reference, avx512 or amx"),
     ],
 )
 def test_bad_arguments_are_named(change, message):
@@ -226,10 +226,38 @@ def test_modules_match_the_ops_and_nn_linear():
 
 def test_isa_selection(monkeypatch):
     monkeypatch.delenv("SPARAMX_ISA", raising=False)
-    assert ops.isa() == ops.available_isas()[-1]
+    assert ops.isa() == "auto"
+    assert ops.describe_isa().startswith(ops.available_isas()[-1])
     monkeypatch.setenv("SPARAMX_ISA", "reference")
     assert ops.isa() == "reference"
     monkeypatch.setenv("SPARAMX_ISA", "sse2")
     with pytest.raises(ValueError, match="SPARAMX_ISA='sse2'"):
         ops.isa()
     assert "avx512f" in ops.cpu_features() or ops.available_isas() == ("reference",)
+    for name in ("avx512", "amx"):
+        monkeypatch.setenv("SPARAMX_ISA", name)
+        if name in ops.available_isas():
+            assert ops.isa() == name
+        else:
+            with pytest.raises(RuntimeError, match=f"SPARAMX_ISA={name} but this CPU lacks"):
+                ops.isa()
+            x = torch.randn(1, 70)
+            case = Case("bitmap bf16", random_weight(6, 70, 0.5))
+            with pytest.raises(RuntimeError, match=f"isa={name} forced but this CPU"):
+                case.run(x, name)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_auto_picks_a_path_that_agrees_with_each_forced_one(fmt):
+    """isa=auto switches path with the rows of x (AMX tiles from AMX_MIN_ROWS where present): every size of x gives
+    what the forced paths give, and int8 gives the same numbers on AVX-512 and AMX (exact integer dot products)."""
+    case = Case(fmt, random_weight(45, 300, 0.5, seed=3), torch.randn(45))
+    for m in (1, ops.AMX_MIN_ROWS - 1, ops.AMX_MIN_ROWS, 16, 70, 257):
+        x = torch.randn(m, 300)
+        y = case.run(x, "auto")
+        case.check(x, y)
+        for forced in ISAS:
+            other = case.run(x, forced)
+            case.check(x, other)
+            if case.int8 and forced != "reference":
+                assert torch.equal(y, other), (m, forced)
