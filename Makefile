@@ -24,7 +24,7 @@ endif
 DEPS_STAMP := $(VENV)/.deps-installed
 BUILD_STAMP := $(VENV)/.ext-built
 
-.PHONY: help install prune eval test test-fast bench bench-kernels bench-crossover quality clean
+.PHONY: help install install-bench prune eval test test-fast bench bench-kernels bench-crossover quality clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
@@ -57,6 +57,18 @@ test: install  ## the whole suite, slow end-to-end tests on the real model inclu
 
 test-fast: install  ## the suite without the slow end-to-end tests
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# The llama.cpp peer of `make bench`, built for this CPU but never with AMX (its AMX path crashed on SmolLM2 here).
+cpu_has = $(shell grep -qw $(1) /proc/cpuinfo 2>/dev/null && echo ON || echo OFF)
+LLAMA_CMAKE_ARGS = -DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF \
+	-DGGML_AVX=$(call cpu_has,avx) -DGGML_AVX2=$(call cpu_has,avx2) -DGGML_FMA=$(call cpu_has,fma) \
+	-DGGML_F16C=$(call cpu_has,f16c) -DGGML_AVX512=$(call cpu_has,avx512f) \
+	-DGGML_AVX512_VBMI=$(call cpu_has,avx512vbmi) -DGGML_AVX512_VNNI=$(call cpu_has,avx512_vnni) \
+	-DGGML_AVX512_BF16=$(call cpu_has,avx512_bf16)
+
+install-bench: install  ## build the llama.cpp peer for make bench (llama-cpp-python, ~20 min on 2 cores)
+	# The same pin as setup.py's `bench` extra; installed alone so our extension is not rebuilt in isolation.
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install -q "llama-cpp-python==0.3.36"
 
 bench: install  ## decode benchmark, stock transformers vs our runtime per recipe -> eval/results/bench.{json,md,png}
 	$(VENV)/bin/sparamx bench --out eval/results $(BENCH_ARGS)

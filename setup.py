@@ -36,4 +36,6 @@ setup(
     cmdclass={"build_ext": BuildExtension},
     options={"bdist_wheel": {"py_limited_api": "cp310"}},
     entry_points={"console_scripts": ["sparamx=sparamx.cli:main"]},
+    # The llama.cpp peer of `make bench`; `make install-bench` builds it for the CPU, with AMX off.
+    extras_require={"bench": ["llama-cpp-python==0.3.36"]},
 )

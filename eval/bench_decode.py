@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from . import bench_llamacpp
+
 RUNTIMES = {  # name -> recipe of the artifact it loads (None: stock transformers in that dtype)
     "stock fp32": None,
     "stock bf16": None,
@@ -96,6 +98,11 @@ def prepare(model: str, runtimes: list[str], layers: int, cache: Path) -> dict[s
         source = str(random_llama3_shaped(cache / f"llama-3-8b-shaped-{layers}l", layers))
     paths = {"source": source}
     for runtime in runtimes:
+        if runtime in bench_llamacpp.PEERS:
+            if model in bench_llamacpp.MODELS:
+                quant = bench_llamacpp.PEERS[runtime]
+                paths[runtime] = bench_llamacpp.gguf_for(model, quant, cache, os.cpu_count() or 1)
+            continue
         recipe = RUNTIMES[runtime]
         if recipe is None:
             continue
@@ -108,6 +115,16 @@ def prepare(model: str, runtimes: list[str], layers: int, cache: Path) -> dict[s
             sparamx.compress(source, spec, out=out, overwrite=True)
         paths[runtime] = str(out)
     return paths
+
+
+def prompt_ids(source: str, prompt: int) -> list[int]:
+    """The random prompt worker() draws for batch 1, for a peer process that has no torch."""
+    import torch
+
+    from ..pipeline.models import load_config, resolve_model
+
+    vocab = load_config(resolve_model(source)).vocab_size
+    return torch.randint(100, vocab - 100, (1, prompt), generator=torch.Generator().manual_seed(0))[0].tolist()
 
 
 def peak_rss_mb() -> float:
@@ -124,6 +141,8 @@ def peak_rss_mb() -> float:
 
 def worker(spec: dict) -> dict:
     """One configuration, in this (fresh) process: load, warm up, time prefill and each decode step."""
+    if spec["runtime"] in bench_llamacpp.PEERS:
+        return bench_llamacpp.worker(spec, peak_rss_mb)
     import torch
     from transformers import LogitsProcessor, LogitsProcessorList
 
@@ -214,7 +233,19 @@ def markdown(rows: list[dict]) -> str:
             f"{head} {r['prefill_ms']:.1f} | {r['decode_ms_per_token']:.2f} | {r['tokens_per_s']:.1f} | "
             f"{ratio:.2f} | {r['peak_rss_mb']:.0f} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + peer_ratios(rows)) + "\n"
+
+
+def peer_ratios(rows: list[dict]) -> list[str]:
+    """Our 50% int8 decode tokens/s over each llama.cpp peer's, per model and prompt (batch 1)."""
+    batch1 = [r for r in rows if "error" not in r and r["batch"] == 1]
+    ok = {(r["model"], r["runtime"], r["prompt"]): r["tokens_per_s"] for r in batch1}
+    lines = []
+    for (model, runtime, prompt), peer in ok.items():
+        ours = ok.get((model, "sparamx 50% int8", prompt))
+        if runtime in bench_llamacpp.PEERS and ours:
+            lines.append(f"- {model}, prompt {prompt}: sparamx 50% int8 decodes at {ours / peer:.2f}x {runtime}")
+    return ["", *lines] if lines else []
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -245,10 +276,11 @@ def main(argv=None, prog=None) -> int:
     parser.add_argument(
         "--runtimes",
         nargs="*",
-        default=list(RUNTIMES),
-        choices=list(RUNTIMES),
+        default=list(RUNTIMES) + (list(bench_llamacpp.PEERS) if bench_llamacpp.available() else []),
+        choices=list(RUNTIMES) + list(bench_llamacpp.PEERS),
         metavar="RUNTIME",
-        help=f"any of: {'; '.join(RUNTIMES)} (default: all)",
+        help=f"any of: {'; '.join([*RUNTIMES, *bench_llamacpp.PEERS])} (default: all; the llama.cpp ones when "
+        "llama-cpp-python is installed: make install-bench)",
     )
     parser.add_argument("--layers", type=int, default=2, help="decoder layers of the Llama-3-8B-shaped model")
     parser.add_argument(
@@ -271,6 +303,8 @@ def main(argv=None, prog=None) -> int:
         paths = prepare(model, args.runtimes, args.layers, Path(args.cache))
         for batch, prompt in shapes:
             for runtime in args.runtimes:
+                if runtime in bench_llamacpp.PEERS and (batch != 1 or runtime not in paths):
+                    continue  # the peer runs batch 1 on models that ship a GGUF
                 spec = {
                     "model": model,
                     "runtime": runtime,
@@ -281,13 +315,17 @@ def main(argv=None, prog=None) -> int:
                     "new_tokens": args.new_tokens,
                     "threads": args.threads,
                 }
+                if runtime in bench_llamacpp.PEERS:
+                    spec["prompt_ids"] = prompt_ids(paths["source"], prompt)
                 rows.append(run_fresh(spec))
                 print(json.dumps(rows[-1]), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     from .bench_kernels import cpu_line
 
+    peers = [r for r in args.runtimes if r in bench_llamacpp.PEERS]
     meta = {
+        "peer": bench_llamacpp.describe() if peers else "llama.cpp peer not run (make install-bench, then make bench)",
         "cpu": cpu_line(),
         "threads": args.threads,
         "layers_of_8b_shaped": args.layers,
@@ -296,7 +334,7 @@ def main(argv=None, prog=None) -> int:
     (out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     header = (
         f"CPU: {meta['cpu']}; {args.threads} threads, each configuration in a fresh process; "
-        f"Llama-3-8B-shaped model with {args.layers} layers; {args.new_tokens} new tokens per run\n\n"
+        f"Llama-3-8B-shaped model with {args.layers} layers; {args.new_tokens} new tokens per run. {meta['peer']}\n\n"
     )
     (out / "bench.md").write_text(header + markdown(rows))
     plot(rows, out / "bench.png")

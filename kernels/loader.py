@@ -52,6 +52,9 @@ def load(path: str | Path, dtype: torch.dtype = torch.bfloat16, verify: bool = T
             bias = state.pop(f"{prefix}.bias", None)
             model.set_submodule(prefix, packed_linear(*args, cols, bias, scale))
             packed.add(prefix)
+            for key in (*PACKED_KEYS, "weight_scale"):  # the prepacked copy replaces them: free them as we go
+                tensors.pop(f"{prefix}.{key}", None)
+            del args, scale, bias
         for prefix, q, scale in list(int8_dense_weights(tensors)):
             _check_target(model, config, path, prefix, tuple(q.shape))
             del state[f"{prefix}.weight"], state[f"{prefix}.weight_scale"]

@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .models import decoder_layers, linear_modules
-from .pruning import apply_mask_, magnitude_scores, prune_mask, wanda_scores
+from .pruning import apply_mask_, magnitude_scores, prune_mask, refit_kept_weights, wanda_scores
 from .recipe import PruneConfig
 
 
@@ -19,15 +19,22 @@ class _StopForward(Exception):
     pass
 
 
-class InputSquareSums:
-    """Forward hook state: sum over all calibration tokens of x_j^2, per input column of one linear."""
+class InputStats:
+    """Forward hook state over all calibration tokens of one linear's input: the sum of x_j^2 per column, or with
+    gram=True the whole X^T X (its diagonal is those sums), which the least-squares refit needs."""
 
-    def __init__(self, in_features: int):
+    def __init__(self, in_features: int, gram: bool = False):
+        # fp32 as SparseGPT keeps it: a Llama-3-8B down_proj's is already 0.8 GB
+        self.gram = torch.zeros((in_features, in_features), dtype=torch.float32) if gram else None
         self.sums = torch.zeros(in_features, dtype=torch.float64)
 
     def __call__(self, module, args, output):
         x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-        self.sums += x.square().sum(dim=0, dtype=torch.float64)
+        if self.gram is not None:
+            self.gram.addmm_(x.T, x)
+            self.sums = self.gram.diagonal().double()
+        else:
+            self.sums += x.square().sum(dim=0, dtype=torch.float64)
 
 
 @torch.no_grad()
@@ -96,9 +103,9 @@ def _stop_after(module):
 
 
 @torch.no_grad()
-def _collect_input_norms(block, linears: dict, names: list[str], hidden, block_kwargs) -> dict:
-    """Sum of x_j^2 over all calibration tokens for each linear in `names`; the forward stops after the last one."""
-    stats = {name: InputSquareSums(linears[name].in_features) for name in names}
+def _collect_input_stats(block, linears: dict, names: list[str], hidden, block_kwargs, gram: bool) -> dict:
+    """InputStats over all calibration tokens for each linear in `names`; the forward stops after the last one."""
+    stats = {name: InputStats(linears[name].in_features, gram) for name in names}
     handles = [linears[name].register_forward_hook(stats[name]) for name in names]
     handles.append(_stop_after(linears[names[-1]]))
     try:
@@ -110,15 +117,19 @@ def _collect_input_norms(block, linears: dict, names: list[str], hidden, block_k
     finally:
         for handle in handles:
             handle.remove()
-    return {name: s.sums for name, s in stats.items()}
+    return stats
 
 
-def _prune_linear(name: str, module, config: PruneConfig, input_sq_norm=None) -> dict:
+def _prune_linear(name: str, module, config: PruneConfig, stats: InputStats | None = None) -> dict:
     weight = module.weight.data
-    scores = magnitude_scores(weight) if input_sq_norm is None else wanda_scores(weight, input_sq_norm)
+    scores = magnitude_scores(weight) if stats is None else wanda_scores(weight, stats.sums)
     sparsity = config.sparsity_for(name)
     if sparsity > 0 or config.nm:
-        apply_mask_(weight, prune_mask(scores, sparsity, config.nm, config.group))
+        mask = prune_mask(scores, sparsity, config.nm, config.group)
+        if config.refit:
+            weight.copy_(refit_kept_weights(weight, mask, stats.gram, config.refit_damp))
+        else:
+            apply_mask_(weight, mask)
     nnz = int(torch.count_nonzero(weight))
     return {
         "name": name,
@@ -154,8 +165,9 @@ def prune_layerwise(model, config: PruneConfig, windows: list[torch.Tensor] | No
             if not config.sequential:
                 groups = [[name for group in groups for name in group]]
             for group in groups:
-                norms = _collect_input_norms(block, linears, group, hidden, block_kwargs)
-                done.update({name: _prune_linear(name, linears[name], config, norms[name]) for name in group})
+                stats = _collect_input_stats(block, linears, group, hidden, block_kwargs, config.refit)
+                done.update({name: _prune_linear(name, linears[name], config, stats[name]) for name in group})
+                del stats
             if i + 1 < len(layers):
                 hidden = [_block_output(block(h, **block_kwargs)) for h in hidden]
         records += [done[name] for name in linears]

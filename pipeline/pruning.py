@@ -64,3 +64,38 @@ def apply_mask_(weight: Tensor, mask: Tensor) -> Tensor:
     """Zero the weights where mask is False, in place."""
     weight.masked_fill_(~mask, 0)
     return weight
+
+
+def refit_kept_weights(weight: Tensor, mask: Tensor, gram: Tensor, damp: float = 0.01, block: int = 128) -> Tensor:
+    """Zero the weights outside `mask` and compensate on the kept ones, so the layer's outputs on the calibration
+    inputs X (gram = X^T X) move as little as possible: SparseGPT's column sweep (arXiv:2301.00774, Algorithm 1)
+    with the mask given instead of chosen. Column by column, each pruned weight's error is spread over the row's
+    later columns through the Cholesky factor of H^-1, H = gram + damp * mean(diag(gram)) * I; O(K^3 + N K^2),
+    all rows at once. Returns a new fp32 tensor, zero exactly where mask is False.
+    """
+    out_features, in_features = weight.shape
+    if mask.shape != weight.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} differs from weight shape {tuple(weight.shape)}")
+    if gram.shape != (in_features, in_features):
+        raise ValueError(f"gram must have shape ({in_features}, {in_features}), got {tuple(gram.shape)}")
+    h = gram.float().clone()  # fp32 throughout, as SparseGPT: the damping keeps H well conditioned
+    dead = h.diagonal() == 0  # inputs that never fire: no compensation through them, and H stays invertible
+    h[dead, dead] = 1.0
+    h.diagonal().add_(damp * h.diagonal().mean())
+    # Upper Cholesky factor of H^-1: row i holds the OBS update of columns i.. when column i is removed.
+    h = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    hinv = torch.linalg.cholesky(h, upper=True)
+    del h
+    w = weight.float().clone()
+    pruned = ~mask
+    for i1 in range(0, in_features, block):
+        i2 = min(i1 + block, in_features)
+        w1, hinv1 = w[:, i1:i2], hinv[i1:i2, i1:i2]
+        err1 = torch.zeros_like(w1)
+        for i in range(i2 - i1):
+            err = torch.where(pruned[:, i1 + i], w1[:, i], 0.0) / hinv1[i, i]
+            w1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = err
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    w[pruned] = 0.0  # exact zeros where the update left rounding residue
+    return w

@@ -49,6 +49,10 @@ class PruneConfig:
     group: str = "row"  # comparison group for unstructured: each output row, or the whole layer
     layers: dict[str, float] = field(default_factory=dict)  # glob on module name -> sparsity; first match wins
     sequential: bool = True  # wanda: prune a block's linears group by group, later groups see earlier pruning
+    # wanda: after masking, refit each row's kept weights by least squares on the calibration inputs (X^T X per
+    # linear), with refit_damp * mean(diag(X^T X)) added to the diagonal. Same mask, smaller output error.
+    refit: bool = False
+    refit_damp: float = 0.01
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -68,8 +72,14 @@ class PruneConfig:
         elif self.sparsity is None:
             self.sparsity = 0.5
         _check_ratio("prune.sparsity", self.sparsity)
-        if not isinstance(self.sequential, bool):
-            raise RecipeError(f"prune.sequential must be true or false, got {self.sequential!r}")
+        for key in ("sequential", "refit"):
+            if not isinstance(getattr(self, key), bool):
+                raise RecipeError(f"prune.{key} must be true or false, got {getattr(self, key)!r}")
+        if self.refit and self.method != "wanda":
+            raise RecipeError("prune.refit needs calibration inputs: use it with prune.method: wanda")
+        damp = self.refit_damp
+        if isinstance(damp, bool) or not isinstance(damp, int | float) or not 0.0 < damp <= 1.0:
+            raise RecipeError(f"prune.refit_damp must be a number in (0, 1], got {damp!r}")
         if not isinstance(self.layers, dict):
             raise RecipeError(f"prune.layers must map module-name globs to sparsities, got {self.layers!r}")
         for pattern, ratio in self.layers.items():

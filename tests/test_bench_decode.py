@@ -22,3 +22,29 @@ def test_bench_decode_writes_json_table_and_plot(tmp_path, tiny_model_dir):
     table = (tmp_path / "out" / "bench.md").read_text()
     assert "| sparamx 50% int8 | 2 | 8 |" in table and "× stock bf16" in table
     assert (tmp_path / "out" / "bench.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_peer_ratio_lines_compare_our_int8_with_each_llama_cpp_run():
+    from sparamx.eval.bench_decode import peer_ratios
+
+    rows = [
+        {"model": "m", "runtime": "sparamx 50% int8", "batch": 1, "prompt": 8, "tokens_per_s": 30.0},
+        {"model": "m", "runtime": "llama.cpp Q8_0", "batch": 1, "prompt": 8, "tokens_per_s": 20.0},
+        {"model": "m", "runtime": "llama.cpp Q4_1", "batch": 1, "prompt": 8, "error": "crashed"},
+        {"model": "m", "runtime": "sparamx 50% int8", "batch": 4, "prompt": 8, "tokens_per_s": 90.0},
+    ]
+    assert peer_ratios(rows) == ["", "- m, prompt 8: sparamx 50% int8 decodes at 1.50x llama.cpp Q8_0"]
+    assert peer_ratios(rows[:1]) == []
+
+
+def test_llama_cpp_peer_runs_batch_one_on_the_shipped_gguf(tmp_path):
+    pytest.importorskip("llama_cpp", reason="the llama.cpp peer is an optional extra: make install-bench")
+    runtimes = ["llama.cpp Q4_1", "llama.cpp Q8_0"]
+    args = ["--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache"), "--models", "smollm2-135m"]
+    args += ["--runtimes", *runtimes, "--batches", "1", "2", "--prompts", "8", "--new-tokens", "3", "--threads", "1"]
+    assert main(args) == 0
+    data = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert [(r["runtime"], r["batch"], r.get("error")) for r in data["rows"]] == [(rt, 1, None) for rt in runtimes]
+    assert all(r["decode_ms_per_token"] > 0 and "prompt_ids" not in r for r in data["rows"])
+    assert list((tmp_path / "cache").glob("*.Q8_0.gguf"))  # requantized once, kept for the next run
+    assert "llama-cpp-python 0.3.36" in (tmp_path / "out" / "bench.md").read_text()

@@ -64,3 +64,23 @@ def test_per_layer_ratios_and_magnitude(tiny):
 def test_wanda_without_windows_is_an_error(tiny):
     with pytest.raises(ValueError, match="calibration windows"):
         prune_layerwise(tiny, PruneConfig(method="wanda"), None, progress=False)
+
+
+def test_refit_keeps_the_wanda_mask_and_lowers_each_blocks_error(tiny_model_dir, windows):
+    """prune.refit changes kept weights only: same masks as plain Wanda (the scores see the same inputs for the first
+    group), exactly the target sparsity, and the first block's q_proj output closer to the dense one."""
+    models = {}
+    for refit in (False, True):
+        models[refit] = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+        prune_layerwise(models[refit], PruneConfig(method="wanda", refit=refit), windows, progress=False)
+    dense = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    q = {k: m.model.layers[0].self_attn.q_proj.weight.detach() for k, m in models.items()}
+    assert torch.equal(q[True] != 0, q[False] != 0)
+    assert not torch.equal(q[True], q[False])
+    with torch.no_grad():
+        x = torch.cat([dense.model.layers[0].input_layernorm(dense.model.embed_tokens(ids)) for ids in windows], 1)[0]
+    reference = x @ dense.model.layers[0].self_attn.q_proj.weight.detach().T
+    errors = {k: float((x @ w.T - reference).norm()) for k, w in q.items()}
+    assert errors[True] < errors[False]
+    for name, module in linear_modules(models[True].model.layers[1], "l1").items():
+        assert int((module.weight == 0).sum()) >= module.weight.numel() // 2, name

@@ -6,6 +6,7 @@ from sparamx.pipeline.pruning import (
     magnitude_scores,
     nm_mask,
     prune_mask,
+    refit_kept_weights,
     unstructured_mask,
     wanda_scores,
 )
@@ -74,3 +75,60 @@ def test_apply_mask_zeroes_in_place():
     weight = torch.ones(2, 3)
     apply_mask_(weight, torch.tensor([[True, False, True], [False, False, True]]))
     assert weight.tolist() == [[1, 0, 1], [0, 0, 1]]
+
+
+def correlated_inputs(tokens: int, cols: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(cols, cols, generator=gen) / cols**0.5 + torch.eye(cols)
+    return torch.randn(tokens, cols, generator=gen) @ mix * torch.rand(cols, generator=gen) * 3
+
+
+@pytest.mark.parametrize("block", [1, 5, 128])
+def test_refit_leaves_a_full_mask_alone_and_zeroes_only_the_pruned(block):
+    x = correlated_inputs(500, 37)
+    w = torch.randn(9, 37)
+    mask = unstructured_mask(wanda_scores(w, x.square().sum(0)), 0.5)
+    mask[2] = True  # a full row: nothing to compensate, it must come back as it was
+    mask[4] = False  # an empty row stays empty
+    refit = refit_kept_weights(w, mask, x.T @ x, block=block)
+    assert refit.dtype == torch.float32 and refit.shape == w.shape
+    assert (refit[~mask] == 0).all() and (refit[4] == 0).all()
+    torch.testing.assert_close(refit[2], w[2], rtol=1e-5, atol=1e-5)
+    # The block size only regroups the same arithmetic.
+    torch.testing.assert_close(refit, refit_kept_weights(w, mask, x.T @ x, block=37), rtol=1e-4, atol=1e-4)
+
+
+def test_refit_of_the_last_column_alone_is_the_exact_least_squares_fix():
+    """Pruning only the last input leaves no later column to move, so nothing changes; pruning only the first one
+    lets every other column compensate: that is the row's exact least-squares optimum on the kept columns."""
+    x = correlated_inputs(800, 12, seed=2)
+    w = torch.randn(3, 12)
+    last = torch.ones(3, 12, dtype=torch.bool)
+    last[:, -1] = False
+    torch.testing.assert_close(refit_kept_weights(w, last, x.T @ x, damp=1e-9), w * last, rtol=1e-4, atol=1e-5)
+    first = torch.ones(3, 12, dtype=torch.bool)
+    first[:, 0] = False
+    refit = refit_kept_weights(w, first, x.T @ x, damp=1e-9)
+    best = torch.linalg.lstsq(x[:, 1:].double(), (x @ w.T).double()).solution.T
+    torch.testing.assert_close(refit[:, 1:].double(), best, rtol=1e-3, atol=1e-4)
+
+
+def test_refit_lowers_the_output_error_of_the_same_mask():
+    x = correlated_inputs(2000, 64, seed=1)
+    w = torch.randn(32, 64)
+    mask = unstructured_mask(wanda_scores(w, x.square().sum(0)), 0.5)
+    masked = w * mask
+    refit = refit_kept_weights(w, mask, x.T @ x)
+    error = lambda v: float((x @ (w - v).T).norm())  # noqa: E731
+    # Each step of the sweep is the optimal compensation of one removed weight by the columns after it: never worse
+    # than not compensating at all.
+    assert error(refit) < error(masked)
+    assert ((refit != 0) <= mask).all()
+
+
+def test_refit_rejects_mismatched_shapes():
+    w, mask = torch.randn(4, 6), torch.ones(4, 6, dtype=torch.bool)
+    with pytest.raises(ValueError, match="gram must have shape \\(6, 6\\)"):
+        refit_kept_weights(w, mask, torch.eye(5))
+    with pytest.raises(ValueError, match="mask shape"):
+        refit_kept_weights(w, mask[:, :5], torch.eye(6))
