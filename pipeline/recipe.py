@@ -32,9 +32,7 @@ class CalibrationConfig:
         if not isinstance(self.dataset, str) or not self.dataset:
             raise RecipeError(f"calibration.dataset must be a non-empty string, got {self.dataset!r}")
         for key in ("nsamples", "seqlen"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise RecipeError(f"calibration.{key} must be a positive integer, got {value!r}")
+            _check_positive_int(f"calibration.{key}", getattr(self, key))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise RecipeError(f"calibration.seed must be an integer, got {self.seed!r}")
 
@@ -78,7 +76,7 @@ class PruneConfig:
         if self.refit and self.method != "wanda":
             raise RecipeError("prune.refit needs calibration inputs: use it with prune.method: wanda")
         damp = self.refit_damp
-        if isinstance(damp, bool) or not isinstance(damp, int | float) or not 0.0 < damp <= 1.0:
+        if not _is_real(damp) or not 0.0 < damp <= 1.0:
             raise RecipeError(f"prune.refit_damp must be a number in (0, 1], got {damp!r}")
         if not isinstance(self.layers, dict):
             raise RecipeError(f"prune.layers must map module-name globs to sparsities, got {self.layers!r}")
@@ -121,7 +119,7 @@ class QuantizeConfig:
             raise RecipeError(f"quantize.weights must be one of {', '.join(WEIGHT_FORMATS)}, got {self.weights!r}")
         if self.smoothquant is not None:
             value = self.smoothquant
-            if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 < value < 1.0:
+            if not _is_real(value) or not 0.0 < value < 1.0:
                 raise RecipeError(f"quantize.smoothquant must be a number in (0, 1) or null, got {value!r}")
             if self.weights != "int8":
                 raise RecipeError("quantize.smoothquant only applies with quantize.weights: int8")
@@ -141,12 +139,10 @@ class EvalConfig:
         if not isinstance(self.tasks, list) or not all(isinstance(t, str) and t for t in self.tasks):
             raise RecipeError(f"eval.tasks must be a list of lm-eval task names, got {self.tasks!r}")
         value = self.recovery_threshold
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1):
+        if value is not None and (not _is_real(value) or not 0 < value <= 1):
             raise RecipeError(f"eval.recovery_threshold must be a number in (0, 1] or null, got {value!r}")
         for key in ("limit", "docs"):
-            value = getattr(self, key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise RecipeError(f"eval.{key} must be a positive integer or null, got {value!r}")
+            _check_positive_int(f"eval.{key}", getattr(self, key), nullable=True)
 
 
 @dataclass
@@ -194,8 +190,20 @@ def load_recipe(path: str | Path) -> Recipe:
         raise RecipeError(f"{path}: {exc}") from exc
 
 
+def _is_real(value) -> bool:
+    """An int or float that is not a bool (YAML's true is an int to Python)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_positive_int(key: str, value, nullable: bool = False) -> None:
+    if nullable and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise RecipeError(f"{key} must be a positive integer{' or null' if nullable else ''}, got {value!r}")
+
+
 def _check_ratio(key: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value < 1.0:
+    if not _is_real(value) or not 0.0 <= value < 1.0:
         raise RecipeError(f"{key} must be a number in [0, 1), got {value!r}")
 
 
