@@ -24,7 +24,7 @@
 #include <vector>
 
 #include "cpu_features.h"
-#include "linear_amx.h"
+#include "linear_kernels.h"
 #include "packed_format.h"
 
 namespace sparamx {
@@ -48,21 +48,6 @@ constexpr int64_t kGemmRows = 64;
 // in cache): at M = 4 the AVX-512 kernel won 10 of 12 cases; at M = 8 the tiles ran 1.5-2.2x it for bf16 and
 // 0.94-1.5x for int8 (5 of 6 cases won); from M = 16 on the tiles won every case.
 constexpr int64_t kAmxRows = 8;
-
-struct Problem {
-  const uint8_t* x;  // activations [M, Kp]: uint8 for int8 weights; fp32 of bf16-rounded x, each chunk's 32 columns
-                     // stored even columns first, then odd ones, for bf16 weights
-  int64_t M, Kp, N, KC;
-  const uint8_t* values;
-  const uint8_t* masks;           // null for dense
-  const int64_t* block_offsets;   // null for dense
-  const int32_t* row_sums;        // int8 only
-  const float* weight_scale;      // int8 only [N]
-  const float* x_scale;           // int8 only [M]
-  const int32_t* x_zero;          // int8 only [M]
-  const float* bias;              // nullable [N]
-  float* y;                       // [M, N]
-};
 
 // ---- ISA-specific code: only here, after every include, so no inline function of a header is compiled for
 // AVX-512 and then picked by the linker for a machine without it.
@@ -429,9 +414,9 @@ at::Tensor run_linear(const at::Tensor& x, const Weights& w, const std::optional
     const at::Tensor xt =
         xs.view({Mp / kAmxTileRows, kAmxTileRows, KC, 16, E}).permute({0, 2, 3, 1, 4}).contiguous();
     y = at::empty({M, w.N}, x2d.options().dtype(at::kFloat));
-    AmxProblem a{static_cast<const uint8_t*>(xt.const_data_ptr()), M, w.N, NB, KC, int8, p.values, p.masks,
-                 p.block_offsets, p.row_sums, p.weight_scale, p.x_scale, p.x_zero, p.bias, y.data_ptr<float>()};
-    TORCH_CHECK(amx_linear(a), op, ": the masks' popcounts disagree with block_offsets / values");
+    p.x = static_cast<const uint8_t*>(xt.const_data_ptr());
+    p.y = y.data_ptr<float>();
+    TORCH_CHECK(amx_linear(p), op, ": the masks' popcounts disagree with block_offsets / values");
     return y.to(x.scalar_type()).reshape(out_shape);
   }
   if (!int8 && M >= kGemmRows) {  // prefill: unpack once, then torch's fp32 GEMM on bf16-rounded x

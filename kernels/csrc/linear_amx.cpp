@@ -15,7 +15,7 @@
 #include <immintrin.h>
 #include <vector>
 
-#include "linear_amx.h"
+#include "linear_kernels.h"
 #include "packed_format.h"
 
 namespace sparamx {
@@ -46,10 +46,11 @@ struct GroupCursor {
   bool live[kBlocksPerGroup];
   bool sparse;
 
-  GroupCursor(const AmxProblem& p, int64_t g) : sparse(p.masks != nullptr) {
+  GroupCursor(const Problem& p, int64_t g) : sparse(p.masks != nullptr) {
+    const int64_t NB = ceil_div(p.N, kRows);
     for (int64_t i = 0; i < kBlocksPerGroup; ++i) {
       const int64_t b = g * kBlocksPerGroup + i;
-      live[i] = b < p.NB;
+      live[i] = b < NB;
       if (!live[i]) continue;
       if (sparse) {
         v[i] = p.values + p.block_offsets[b] * E;
@@ -104,14 +105,14 @@ struct GroupCursor {
 // alternating L1 slots, the next one written while the tile unit works on the last. Then y from the C tiles.
 // Tile numbers are literals: the intrinsics paste them into the instruction.
 template <bool Int8, int NT>
-bool group_tiles(const AmxProblem& p, int64_t g, const uint8_t* a, int64_t t0, uint8_t* slots, float* scratch) {
+bool group_tiles(const Problem& p, int64_t g, const uint8_t* a, int64_t t0, uint8_t* slots, float* scratch) {
   _tile_zero(0);
   if constexpr (NT > 1) _tile_zero(1);
   if constexpr (NT > 2) _tile_zero(2);
   if constexpr (NT > 3) _tile_zero(3);
   GroupCursor<Int8> cursor(p, g);
   const int64_t stride = p.KC * kTileBytes;  // from one activation tile to the next, same chunk
-  const uint8_t* bt = p.xt + t0 * stride;
+  const uint8_t* bt = p.x + t0 * stride;
   for (int64_t c = 0; c < p.KC; ++c, bt += kTileBytes) {
     const uint8_t* at = a ? a + c * kTileBytes : slots + (c & 1) * kTileBytes;
     if (!a && !cursor.next(slots + (c & 1) * kTileBytes)) return false;
@@ -169,7 +170,7 @@ bool group_tiles(const AmxProblem& p, int64_t g, const uint8_t* a, int64_t t0, u
 // Groups [g0, g1) for every activation row. Up to 4 activation tiles (64 rows) the weights are expanded chunk by
 // chunk as they are used; beyond, each group is expanded whole into `buf` (L2) once per panel of activation tiles.
 template <bool Int8>
-bool groups_amx(const AmxProblem& p, int64_t g0, int64_t g1, uint8_t* buf, uint8_t* slots, float* scratch) {
+bool groups_amx(const Problem& p, int64_t g0, int64_t g1, uint8_t* buf, uint8_t* slots, float* scratch) {
   TileConfig cfg;
   std::memset(&cfg, 0, sizeof(cfg));
   cfg.palette_id = 1;
@@ -213,13 +214,14 @@ bool groups_amx(const AmxProblem& p, int64_t g0, int64_t g1, uint8_t* buf, uint8
 
 }  // namespace
 
-bool amx_linear(const AmxProblem& p) {
-  const int64_t NG = (p.NB + kBlocksPerGroup - 1) / kBlocksPerGroup;
+bool amx_linear(const Problem& p) {
+  const int64_t NB = ceil_div(p.N, kRows), NG = ceil_div(NB, kBlocksPerGroup);
+  const bool int8 = p.row_sums != nullptr;
   std::vector<int64_t> group_offsets;
   if (p.block_offsets) {  // nonzeros before each group: the split weighs groups by their values
     group_offsets.resize(NG + 1);
     for (int64_t g = 0; g <= NG; ++g) {
-      group_offsets[g] = p.block_offsets[g * kBlocksPerGroup < p.NB ? g * kBlocksPerGroup : p.NB];
+      group_offsets[g] = p.block_offsets[g * kBlocksPerGroup < NB ? g * kBlocksPerGroup : NB];
     }
   }
   const int64_t threads = at::get_num_threads();
@@ -237,7 +239,7 @@ bool amx_linear(const AmxProblem& p) {
     alignas(64) float scratch[4 * 256];
     if (buf.size() < buf_bytes) buf.resize(buf_bytes);
     for (int64_t t = begin; t < end; ++t) {
-      const bool done = p.int8 ? groups_amx<true>(p, bounds[t], bounds[t + 1], buf.data(), slots, scratch)
+      const bool done = int8 ? groups_amx<true>(p, bounds[t], bounds[t + 1], buf.data(), slots, scratch)
                                : groups_amx<false>(p, bounds[t], bounds[t + 1], buf.data(), slots, scratch);
       if (!done) ok = false;
     }
