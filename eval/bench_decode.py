@@ -10,6 +10,7 @@ Writes bench.json, bench.md and bench.png under --out.
 """
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -117,14 +118,12 @@ def prepare(model: str, runtimes: list[str], layers: int, cache: Path) -> dict[s
     return paths
 
 
-def prompt_ids(source: str, prompt: int) -> list[int]:
-    """The random prompt worker() draws for batch 1, for a peer process that has no torch."""
-    import torch
-
+@functools.cache
+def prompt_ids(source: str, prompt: int) -> tuple[int, ...]:
+    """The batch-1 random prompt, drawn here for a peer process that has no torch (read once per source and length)."""
     from ..pipeline.models import load_config, resolve_model
 
-    vocab = load_config(resolve_model(source)).vocab_size
-    return torch.randint(100, vocab - 100, (1, prompt), generator=torch.Generator().manual_seed(0))[0].tolist()
+    return tuple(random_prompt(load_config(resolve_model(source)).vocab_size, 1, prompt)[0].tolist())
 
 
 def peak_rss_mb() -> float:
@@ -142,7 +141,29 @@ def peak_rss_mb() -> float:
 def worker(spec: dict) -> dict:
     """One configuration, in this (fresh) process: load, warm up, time prefill and each decode step."""
     if spec["runtime"] in bench_llamacpp.PEERS:
-        return bench_llamacpp.worker(spec, peak_rss_mb)
+        load_s, steps = bench_llamacpp.time_generate(spec)
+    else:
+        load_s, steps = time_generate(spec)
+    decode = statistics.median(steps[1:])
+    return {
+        **spec,
+        "load_s": load_s,
+        "prefill_ms": steps[0] * 1e3,
+        "decode_ms_per_token": decode * 1e3,
+        "tokens_per_s": spec["batch"] / decode,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def random_prompt(vocab_size: int, batch: int, prompt: int):
+    """The random prompt every runtime gets: token ids drawn with a fixed seed, clear of the vocabulary's ends."""
+    import torch
+
+    return torch.randint(100, vocab_size - 100, (batch, prompt), generator=torch.Generator().manual_seed(0))
+
+
+def time_generate(spec: dict) -> tuple[float, list[float]]:
+    """Load seconds, then [prefill + first token, each later token] seconds of one greedy model.generate."""
     import torch
     from transformers import LogitsProcessor, LogitsProcessorList
 
@@ -158,8 +179,7 @@ def worker(spec: dict) -> dict:
         dtype = torch.float32 if spec["runtime"] == "stock fp32" else torch.bfloat16
         model = load_model(resolve_model(spec["source"]), dtype=dtype).eval()
     load_s = time.perf_counter() - start
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(100, model.config.vocab_size - 100, (spec["batch"], spec["prompt"]), generator=gen)
+    ids = random_prompt(model.config.vocab_size, spec["batch"], spec["prompt"])
 
     class Stamps(LogitsProcessor):  # called once per generated token, right after its forward
         def __init__(self):
@@ -185,16 +205,7 @@ def worker(spec: dict) -> dict:
         return [stamps.times[0] - begin] + [b - a for a, b in zip(stamps.times, stamps.times[1:], strict=False)]
 
     run(2, ids[:, :16])  # warm-up: kernels, allocator, thread pool (a short prompt: prefill is timed below)
-    steps = run(spec["new_tokens"], ids)
-    decode = statistics.median(steps[1:])
-    return {
-        **spec,
-        "load_s": load_s,
-        "prefill_ms": steps[0] * 1e3,
-        "decode_ms_per_token": decode * 1e3,
-        "tokens_per_s": spec["batch"] / decode,
-        "peak_rss_mb": peak_rss_mb(),
-    }
+    return load_s, run(spec["new_tokens"], ids)
 
 
 def run_fresh(spec: dict) -> dict:

@@ -9,7 +9,6 @@ AMX path crashed on this model here (a segfault in ggml_backend_amx_mul_mat, lla
 import ctypes
 import importlib.util
 import os
-import statistics
 import time
 from pathlib import Path
 
@@ -57,8 +56,9 @@ def gguf_for(model: str, quant: str, cache: Path, threads: int) -> str:
     return str(out)
 
 
-def worker(spec: dict, peak_rss_mb) -> dict:
-    """One peer configuration in this (fresh) process: greedy generate, prefill and each decode step timed."""
+def time_generate(spec: dict) -> tuple[float, list[float]]:
+    """bench_decode.time_generate for the peer, in this (fresh) process: load seconds, then [prefill + first token,
+    each later token] seconds of one greedy generate."""
     from llama_cpp import Llama
 
     start = time.perf_counter()
@@ -71,7 +71,7 @@ def worker(spec: dict, peak_rss_mb) -> dict:
         verbose=False,
     )
     load_s = time.perf_counter() - start
-    ids = spec.pop("prompt_ids")  # the prompt our runs get, drawn by the parent: no torch in this process
+    ids = list(spec.pop("prompt_ids"))  # the prompt our runs get, drawn by the parent: no torch in this process
 
     def run(new_tokens, prompt):
         llm.reset()  # no reuse of the last run's KV cache
@@ -83,13 +83,4 @@ def worker(spec: dict, peak_rss_mb) -> dict:
         return [times[0] - begin] + [b - a for a, b in zip(times, times[1:], strict=False)]
 
     run(2, ids[:16])
-    steps = run(spec["new_tokens"], ids)
-    decode = statistics.median(steps[1:])
-    return {
-        **spec,
-        "load_s": load_s,
-        "prefill_ms": steps[0] * 1e3,
-        "decode_ms_per_token": decode * 1e3,
-        "tokens_per_s": 1 / decode,
-        "peak_rss_mb": peak_rss_mb(),
-    }
+    return load_s, run(spec["new_tokens"], ids)

@@ -26,15 +26,18 @@ class InputStats:
     def __init__(self, in_features: int, gram: bool = False):
         # fp32 as SparseGPT keeps it: a Llama-3-8B down_proj's is already 0.8 GB
         self.gram = torch.zeros((in_features, in_features), dtype=torch.float32) if gram else None
-        self.sums = torch.zeros(in_features, dtype=torch.float64)
+        self._sums = None if gram else torch.zeros(in_features, dtype=torch.float64)
+
+    @property
+    def sums(self) -> torch.Tensor:
+        return self.gram.diagonal().double() if self.gram is not None else self._sums
 
     def __call__(self, module, args, output):
         x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
         if self.gram is not None:
             self.gram.addmm_(x.T, x)
-            self.sums = self.gram.diagonal().double()
         else:
-            self.sums += x.square().sum(dim=0, dtype=torch.float64)
+            self._sums += x.square().sum(dim=0, dtype=torch.float64)
 
 
 @torch.no_grad()
