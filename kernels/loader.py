@@ -1,5 +1,6 @@
 """sparamx.load: rebuild a transformers model from an artifact, its packed linears on our kernels (or unpacked)."""
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -18,13 +19,15 @@ from . import ops
 from .modules import DenseLinear, SparseLinear
 
 
-def load(path: str | Path, dtype: torch.dtype = torch.bfloat16, verify: bool = True, kernels: bool = True):
+def load(path: str | Path, dtype: torch.dtype = torch.bfloat16, verify: bool = True, kernels: bool | None = None):
     """Load the artifact at `path` -> (model, tokenizer).
 
     kernels=True: every decoder linear runs on our kernels: bitmap ones as SparseLinear (weights stay packed), dense
     ones and lm_head as DenseLinear; int8 ones on the int8 kernels. Embeddings stay a torch module.
     kernels=False: packed linears are unpacked (and int8 ones dequantized) into dense nn.Linear weights, the reference
-    the kernels are tested against.
+    the kernels are tested against, and the plain PyTorch path.
+    kernels=None (default): True where the CPU runs our AVX-512 / AMX kernels or SPARAMX_ISA forces a path, else
+    False with a warning (`ops.kernels_preferred`). `model.sparamx_runtime` says which.
     `verify` checks each file's sha256 first.
     """
     from accelerate import init_empty_weights
@@ -32,6 +35,16 @@ def load(path: str | Path, dtype: torch.dtype = torch.bfloat16, verify: bool = T
 
     path = Path(path)
     manifest = read_manifest(path)
+    if kernels is None:
+        kernels = ops.kernels_preferred()
+        if not kernels:
+            missing = ", ".join(sorted(ops.AVX512_KERNEL_FEATURES - ops.cpu_features()))
+            warnings.warn(
+                f"sparamx.load: this CPU cannot run our avx512 kernels{f' (it lacks {missing})' if missing else ''}; "
+                f"{path} runs on torch with its packed linears unpacked to dense weights (stock speed and memory). "
+                "SPARAMX_ISA=reference forces the C++ reference kernels instead.",
+                stacklevel=3,
+            )
     tensors = read_tensors(path, manifest, verify=verify)
     try:
         config = AutoConfig.from_pretrained(path)
@@ -89,6 +102,7 @@ def load(path: str | Path, dtype: torch.dtype = torch.bfloat16, verify: bool = T
             model.set_output_embeddings(DenseLinear.from_linear(head))
     model.eval()
     model.sparamx_manifest = manifest
+    model.sparamx_runtime = f"sparamx kernels: {ops.describe_isa()}" if kernels else "torch (weights unpacked)"
     return model, AutoTokenizer.from_pretrained(path)
 
 

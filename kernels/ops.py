@@ -108,6 +108,13 @@ def isa() -> str:
     return forced
 
 
+def kernels_preferred() -> bool:
+    """Whether sparamx.load should put packed linears on our kernels by default: where the CPU runs the AVX-512 (or
+    AMX) kernels, or SPARAMX_ISA forces a path. Elsewhere the C++ reference path would rebuild every dense weight on
+    every call, slower than torch on the unpacked weights."""
+    return isa() != "auto" or "avx512" in available_isas()
+
+
 def describe_isa() -> str:
     """One line: the path each size of x takes, e.g. "amx from 8 rows of x, avx512 below"."""
     chosen = isa()

@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .models import decoder_layers, linear_modules
-from .pruning import apply_mask_, magnitude_scores, prune_mask, refit_kept_weights, wanda_scores
+from .pruning import apply_mask_, magnitude_scores, prune_mask, refit_kept_weights, wanda_scores, wanda_sweep
 from .recipe import PruneConfig
 
 
@@ -127,7 +127,9 @@ def _prune_linear(name: str, module, config: PruneConfig, stats: InputStats | No
     weight = module.weight.data
     scores = magnitude_scores(weight) if stats is None else wanda_scores(weight, stats.sums)
     sparsity = config.sparsity_for(name)
-    if sparsity > 0 or config.nm:
+    if config.adaptive_mask and (sparsity > 0 or config.nm):
+        weight.copy_(wanda_sweep(weight, stats.gram, sparsity, config.nm, config.refit_damp))
+    elif sparsity > 0 or config.nm:
         mask = prune_mask(scores, sparsity, config.nm, config.group)
         if config.refit:
             weight.copy_(refit_kept_weights(weight, mask, stats.gram, config.refit_damp))

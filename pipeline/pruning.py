@@ -25,17 +25,22 @@ def unstructured_mask(scores: Tensor, sparsity: float, group: str = "row") -> Te
     """
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-    mask = torch.ones_like(scores, dtype=torch.bool)
     if group == "row":
-        k = int(scores.shape[1] * sparsity)
-        if k:
-            mask.scatter_(1, torch.topk(scores, k, dim=1, largest=False).indices, False)
-    elif group == "layer":
+        return _drop_lowest_per_row(scores, int(scores.shape[1] * sparsity))
+    mask = torch.ones_like(scores, dtype=torch.bool)
+    if group == "layer":
         k = int(scores.numel() * sparsity)
         if k:
             mask.view(-1)[torch.topk(scores.reshape(-1), k, largest=False).indices] = False
     else:
         raise ValueError(f"group must be 'row' or 'layer', got {group!r}")
+    return mask
+
+
+def _drop_lowest_per_row(scores: Tensor, k: int) -> Tensor:
+    mask = torch.ones_like(scores, dtype=torch.bool)
+    if k:
+        mask.scatter_(1, torch.topk(scores, k, dim=1, largest=False).indices, False)
     return mask
 
 
@@ -73,9 +78,42 @@ def refit_kept_weights(weight: Tensor, mask: Tensor, gram: Tensor, damp: float =
     later columns through the Cholesky factor of H^-1, H = gram + damp * mean(diag(gram)) * I; O(K^3 + N K^2),
     all rows at once. Returns a new fp32 tensor, zero exactly where mask is False.
     """
-    out_features, in_features = weight.shape
     if mask.shape != weight.shape:
         raise ValueError(f"mask shape {tuple(mask.shape)} differs from weight shape {tuple(weight.shape)}")
+    return _obs_sweep(weight, gram, damp, block, lambda w1, i1, i2: mask[:, i1:i2])
+
+
+def wanda_sweep(
+    weight: Tensor,
+    gram: Tensor,
+    sparsity: float,
+    nm: tuple[int, int] | None = None,
+    damp: float = 0.01,
+    block: int = 128,
+) -> Tensor:
+    """Wanda's mask chosen block by block during the refit sweep, from the weights as refit so far (SparseGPT's
+    adaptive mask selection, with Wanda's |W_ij| * ||X_j||_2 in place of the OBS saliency): each `block` columns keep
+    the best of every row, so later columns are judged after earlier pruning moved weight onto them. Every row drops
+    exactly floor(in_features * sparsity) (N:M: n of every m, `block` a multiple of m). Returns a new fp32 tensor.
+    """
+    if nm and block % nm[1]:
+        raise ValueError(f"block {block} must be a multiple of M={nm[1]} for N:M")
+    input_sq_norm = gram.diagonal()  # sum of x_j^2 over the calibration tokens
+
+    def choose(w1: Tensor, i1: int, i2: int) -> Tensor:
+        scores = wanda_scores(w1, input_sq_norm[i1:i2])
+        if nm:
+            return nm_mask(scores, *nm)
+        # per block, summing to floor(in_features * sparsity) over the row
+        return _drop_lowest_per_row(scores, int(i2 * sparsity) - int(i1 * sparsity))
+
+    return _obs_sweep(weight, gram, damp, block, choose)
+
+
+def _obs_sweep(weight: Tensor, gram: Tensor, damp: float, block: int, choose) -> Tensor:
+    """The column sweep both refits share; choose(w_block, i1, i2) -> the block's keep mask, given its columns as
+    updated so far."""
+    out_features, in_features = weight.shape
     if gram.shape != (in_features, in_features):
         raise ValueError(f"gram must have shape ({in_features}, {in_features}), got {tuple(gram.shape)}")
     h = gram.float().clone()  # fp32 throughout, as SparseGPT: the damping keeps H well conditioned
@@ -87,13 +125,15 @@ def refit_kept_weights(weight: Tensor, mask: Tensor, gram: Tensor, damp: float =
     hinv = torch.linalg.cholesky(h, upper=True)
     del h
     w = weight.float().clone()
-    pruned = ~mask
+    pruned = torch.zeros_like(w, dtype=torch.bool)
     for i1 in range(0, in_features, block):
         i2 = min(i1 + block, in_features)
         w1, hinv1 = w[:, i1:i2], hinv[i1:i2, i1:i2]
+        pruned1 = pruned[:, i1:i2]
+        pruned1.copy_(~choose(w1, i1, i2))
         err1 = torch.zeros_like(w1)
         for i in range(i2 - i1):
-            err = torch.where(pruned[:, i1 + i], w1[:, i], 0.0) / hinv1[i, i]
+            err = torch.where(pruned1[:, i], w1[:, i], 0.0) / hinv1[i, i]
             w1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
             err1[:, i] = err
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]

@@ -51,6 +51,9 @@ class PruneConfig:
     # linear), with refit_damp * mean(diag(X^T X)) added to the diagonal. Same mask, smaller output error.
     refit: bool = False
     refit_damp: float = 0.01
+    # wanda + refit: choose the mask 128 columns at a time during the refit, by Wanda's score on the weights as refit
+    # so far (SparseGPT's adaptive mask selection); each row still drops exactly its share (or keeps N of every M).
+    adaptive_mask: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -70,11 +73,15 @@ class PruneConfig:
         elif self.sparsity is None:
             self.sparsity = 0.5
         _check_ratio("prune.sparsity", self.sparsity)
-        for key in ("sequential", "refit"):
+        for key in ("sequential", "refit", "adaptive_mask"):
             if not isinstance(getattr(self, key), bool):
                 raise RecipeError(f"prune.{key} must be true or false, got {getattr(self, key)!r}")
         if self.refit and self.method != "wanda":
             raise RecipeError("prune.refit needs calibration inputs: use it with prune.method: wanda")
+        if self.adaptive_mask and not self.refit:
+            raise RecipeError("prune.adaptive_mask chooses the mask during the refit: it needs prune.refit: true")
+        if self.adaptive_mask and self.group != "row" and not self.nm:
+            raise RecipeError("prune.adaptive_mask keeps each row's share: it needs prune.group: row")
         damp = self.refit_damp
         if not _is_real(damp) or not 0.0 < damp <= 1.0:
             raise RecipeError(f"prune.refit_damp must be a number in (0, 1], got {damp!r}")

@@ -7,9 +7,9 @@ report = sparamx.compress("smollm2-135m", recipe="recipes/wanda-50.yaml", out="a
 __version__ = "0.1.0"
 
 
-def load(path, dtype=None, verify: bool = True, kernels: bool = True):
-    """Load an artifact directory -> (transformers model, tokenizer); packed linears run on our kernels unless
-    kernels=False (then they are unpacked to dense weights)."""
+def load(path, dtype=None, verify: bool = True, kernels: bool | None = None):
+    """Load an artifact directory -> (transformers model, tokenizer); packed linears run on our kernels where the CPU
+    has AVX-512 (or kernels=True), else they are unpacked to dense torch weights (or kernels=False)."""
     import torch
 
     from .kernels.loader import load as _load

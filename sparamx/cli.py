@@ -82,7 +82,7 @@ def cmd_generate(args) -> int:
         out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=streamer)
     new = out.shape[1] - ids.input_ids.shape[1]
     seconds = time.perf_counter() - start
-    print(f"[{new} tokens in {seconds:.2f}s, {new / seconds:.1f} tokens/s]", file=sys.stderr)
+    print(f"[{new} tokens in {seconds:.2f}s, {new / seconds:.1f} tokens/s; {model.sparamx_runtime}]", file=sys.stderr)
     return 0
 
 
@@ -120,6 +120,8 @@ def cmd_info(args) -> int:
     print(f"sparamx {__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("cpu features: " + (", ".join(f for f in ops.FEATURES if f in features) or "none of interest"))
     print(f"kernel paths available: {', '.join(ops.available_isas())}; chosen: {ops.describe_isa()}")
+    runs_on = "our kernels" if ops.kernels_preferred() else "torch, unpacked (SPARAMX_ISA=reference runs ours)"
+    print(f"sparamx.load runs packed linears on {runs_on}")
     if "amx_tile" not in features:
         print("AMX: not available to this process (no amx_tile in cpuid, or arch_prctl refused tile data)")
     return 0

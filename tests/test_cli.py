@@ -35,6 +35,8 @@ def test_info_reports_the_detected_path(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert f"chosen: {ops.describe_isa()}" in out and "cpu features:" in out
+    expected = "our kernels" if ops.kernels_preferred() else "torch, unpacked"
+    assert f"sparamx.load runs packed linears on {expected}" in out
 
 
 def test_inspect_prints_layers_and_totals(artifact, capsys):
@@ -50,6 +52,7 @@ def test_generate_prints_a_completion_and_speed(artifact):
     result = run_cli("generate", str(artifact), "--prompt", "Hello", "--max-new-tokens", "4")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("Hello") and "tokens/s" in result.stderr
+    assert "sparamx kernels: " in result.stderr or "torch (weights unpacked)" in result.stderr
     chat = run_cli("generate", str(artifact), "--chat", "--prompt", "Hello", "--max-new-tokens", "4")
     assert chat.returncode == 0, chat.stderr
     assert "<|im_start|>" not in chat.stdout and "4 tokens" in chat.stderr

@@ -82,7 +82,7 @@ def test_kernels_are_as_accurate_as_stock_bf16(artifacts, wikitext, report):
     transformers bf16 against the same fp32: bf16 inference of a 30-layer model moves logits by up to a few units
     (1-ulp rounding differences compound), so the kernels are held to torch's own bf16 error, on real text."""
     path = artifacts["wanda-50"]
-    fast, tokenizer = sparamx.load(path)
+    fast, tokenizer = sparamx.load(path, kernels=True)
     assert sum(isinstance(m, SparseLinear) for m in fast.modules()) == 30 * 7
     stock, _ = sparamx.load(path, kernels=False)
     fp32, _ = sparamx.load(path, dtype=torch.float32, kernels=False)

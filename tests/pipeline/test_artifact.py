@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import sparamx
+from sparamx.kernels import ops
 from sparamx.kernels.modules import DenseLinear, SparseLinear
 from sparamx.pipeline import artifact
 from sparamx.pipeline.artifact import MANIFEST, sha256_file
@@ -91,10 +92,34 @@ def test_load_reproduces_the_pruned_model(tiny_artifact, tiny_model_dir):
         expected = reference(ids).logits
         assert torch.equal(model(ids).logits, expected)
         # On the kernels: same bf16 operands and fp32 sums, so only summation order and bf16 output rounding differ.
-        fast, _ = sparamx.load(tiny_artifact)
+        fast, _ = sparamx.load(tiny_artifact, kernels=True)
         assert sum(isinstance(m, SparseLinear) for m in fast.modules()) == 14
         torch.testing.assert_close(fast(ids).logits, expected, rtol=1.6e-2, atol=1e-2)
     assert fast.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, ids.shape[1] + 3)
+
+
+@pytest.mark.parametrize(
+    "isas, forced, on_kernels",
+    [
+        (("reference", "avx512"), "", True),
+        (("reference", "avx512", "amx"), "", True),
+        (("reference",), "", False),  # no AVX-512: torch on unpacked weights, with a warning
+        (("reference",), "reference", True),  # a forced path is honoured
+    ],
+)
+def test_default_load_picks_kernels_where_the_cpu_runs_them(tiny_artifact, monkeypatch, isas, forced, on_kernels):
+    monkeypatch.setattr(ops, "available_isas", lambda: isas)
+    monkeypatch.setenv("SPARAMX_ISA", forced)
+    if on_kernels:
+        model, _ = sparamx.load(tiny_artifact)
+        assert model.sparamx_runtime.startswith("sparamx kernels")
+    else:
+        with pytest.warns(UserWarning, match="cannot run our avx512 kernels.*unpacked to dense weights"):
+            model, _ = sparamx.load(tiny_artifact)
+        assert model.sparamx_runtime == "torch (weights unpacked)"
+    packed = sum(isinstance(m, SparseLinear) for m in model.modules())
+    assert packed == (14 if on_kernels else 0)
+    assert isinstance(model.model.layers[0].mlp.up_proj, SparseLinear if on_kernels else torch.nn.Linear)
 
 
 def test_truncated_safetensors_names_the_file(copy_of):
@@ -235,7 +260,7 @@ def test_unpruned_layers_are_stored_dense(tmp_path, tiny_model_dir):
     assert "model.layers.1.mlp.up_proj" in config["quantization_config"]["sparsity_config"]["ignore"]
     model, _ = sparamx.load(tmp_path / "m", kernels=False)
     assert (model.model.layers[1].mlp.up_proj.weight != 0).all()
-    model, _ = sparamx.load(tmp_path / "m")
+    model, _ = sparamx.load(tmp_path / "m", kernels=True)
     assert isinstance(model.model.layers[1].mlp.up_proj, DenseLinear)  # dense layers run on the dense kernel
     assert isinstance(model.model.layers[0].mlp.up_proj, SparseLinear)
 
@@ -303,7 +328,7 @@ def test_int8_reload_is_exact_and_kernels_stay_close(int8_artifacts, tiny_model_
     with torch.no_grad():
         expected = reference(ids).logits
         assert torch.equal(model(ids).logits, expected)
-        fast, _ = sparamx.load(int8_artifacts[name])
+        fast, _ = sparamx.load(int8_artifacts[name], kernels=True)
         kind = SparseLinear if name.endswith("50-int8") else DenseLinear
         assert sum(isinstance(m, kind) and m.int8 for m in fast.modules()) == 14
         # Activations quantized per token to 8 bits: the logits keep a high signal-to-noise ratio.

@@ -84,3 +84,23 @@ def test_refit_keeps_the_wanda_mask_and_lowers_each_blocks_error(tiny_model_dir,
     assert errors[True] < errors[False]
     for name, module in linear_modules(models[True].model.layers[1], "l1").items():
         assert int((module.weight == 0).sum()) >= module.weight.numel() // 2, name
+
+
+def test_adaptive_mask_chooses_by_blocks_of_128_columns(tiny_model_dir, windows):
+    """prune.adaptive_mask: a linear of <= 128 inputs is one block, chosen before any update (Wanda's mask, refit:
+    the same weights as without it); above that, each row drops exactly half of each block of 128 columns."""
+    models = {}
+    for adaptive in (False, True):
+        models[adaptive] = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+        config = PruneConfig(method="wanda", refit=True, adaptive_mask=adaptive)
+        prune_layerwise(models[adaptive], config, windows, progress=False)
+    layer = {k: m.model.layers[0] for k, m in models.items()}
+    assert layer[True].self_attn.q_proj.in_features <= 128
+    torch.testing.assert_close(layer[True].self_attn.q_proj.weight, layer[False].self_attn.q_proj.weight)
+    down = {k: v.mlp.down_proj.weight.detach() for k, v in layer.items()}
+    assert down[True].shape[1] == 136
+    assert ((down[True][:, :128] == 0).sum(dim=1) == 64).all() and ((down[True][:, 128:] == 0).sum(dim=1) == 4).all()
+    assert not torch.equal(down[True] != 0, down[False] != 0)
+    for name, module in linear_modules(models[True].model.layers[1], "l1").items():
+        weight = module.weight
+        assert ((weight == 0).sum(dim=1) == weight.shape[1] // 2).all(), name

@@ -9,6 +9,7 @@ from sparamx.pipeline.pruning import (
     refit_kept_weights,
     unstructured_mask,
     wanda_scores,
+    wanda_sweep,
 )
 
 
@@ -132,3 +133,37 @@ def test_refit_rejects_mismatched_shapes():
         refit_kept_weights(w, mask, torch.eye(5))
     with pytest.raises(ValueError, match="mask shape"):
         refit_kept_weights(w, mask[:, :5], torch.eye(6))
+
+
+@pytest.mark.parametrize("cols, block", [(37, 16), (300, 128), (64, 128), (130, 1)])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.7])
+def test_wanda_sweep_drops_exactly_the_row_count(cols, block, sparsity):
+    x = correlated_inputs(400, cols, seed=3)
+    w = torch.randn(6, cols)
+    out = wanda_sweep(w, x.T @ x, sparsity, block=block)
+    assert ((out == 0).sum(dim=1) == int(cols * sparsity)).all()  # randn weights: no kept weight lands on 0
+
+
+@pytest.mark.parametrize("n, m", [(2, 4), (4, 8)])
+def test_wanda_sweep_keeps_the_n_m_pattern(n, m):
+    x = correlated_inputs(400, 64, seed=4)
+    out = wanda_sweep(torch.randn(5, 64), x.T @ x, 1 - n / m, nm=(n, m), block=16)
+    assert ((out.view(5, -1, m) != 0).sum(dim=2) == n).all()
+    with pytest.raises(ValueError, match="multiple of M=8"):
+        wanda_sweep(torch.randn(5, 64), x.T @ x, 0.5, nm=(4, 8), block=12)
+
+
+def test_wanda_sweep_in_one_block_is_wanda_then_refit():
+    """With one block the mask is chosen before any update, from the original weights: plain Wanda's mask, refit."""
+    x = correlated_inputs(600, 48, seed=5)
+    w, gram = torch.randn(7, 48), x.T @ x
+    mask = unstructured_mask(wanda_scores(w, x.square().sum(0)), 0.5)
+    torch.testing.assert_close(wanda_sweep(w, gram, 0.5, block=48), refit_kept_weights(w, mask, gram, block=48))
+
+
+def test_wanda_sweep_beats_plain_wanda_on_the_calibration_outputs():
+    x = correlated_inputs(2000, 96, seed=6)
+    w = torch.randn(32, 96)
+    error = lambda v: float((x @ (w - v).T).norm())  # noqa: E731
+    plain = w * unstructured_mask(wanda_scores(w, x.square().sum(0)), 0.5)
+    assert error(wanda_sweep(w, x.T @ x, 0.5, block=32)) < error(plain)

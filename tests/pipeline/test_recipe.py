@@ -61,6 +61,9 @@ def test_two_of_four_implies_half_sparsity():
         ("prune:\n  method: magnitude\n  refit: true\n", "prune.refit needs calibration inputs"),
         ("prune:\n  refit: yes please\n", "prune.refit must be true or false"),
         ("prune:\n  refit: true\n  refit_damp: 0\n", "prune.refit_damp must be a number in \\(0, 1\\]"),
+        ("prune:\n  adaptive_mask: true\n", "prune.adaptive_mask .* needs prune.refit: true"),
+        ("prune:\n  refit: true\n  adaptive_mask: 1\n", "prune.adaptive_mask must be true or false"),
+        ("prune:\n  refit: true\n  adaptive_mask: true\n  group: layer\n", "needs prune.group: row"),
     ],
 )
 def test_bad_recipes_name_file_and_key(tmp_path, text, message):
