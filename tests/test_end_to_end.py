@@ -16,7 +16,7 @@ from sparamx.pipeline.models import load_model, load_tokenizer, resolve_model
 pytestmark = pytest.mark.slow
 
 # A plain Wanda implementation measured 53.5 on these windows (issue #2), calibrated on 32 x 1024 C4 tokens; ours
-# (recipes/wanda-50.yaml: Wanda's mask, kept weights refit) must do at least as well.
+# (recipes/wanda-50.yaml: Wanda's score, mask chosen during the refit of the kept weights) must do at least as well.
 REFERENCE_WANDA_PPL = 53.5
 
 
