@@ -38,7 +38,7 @@ def load(path: str | Path, dtype: torch.dtype = torch.bfloat16, verify: bool = T
     if kernels is None:
         kernels = ops.kernels_preferred()
         if not kernels:
-            missing = ", ".join(sorted(ops.AVX512_KERNEL_FEATURES - ops.cpu_features()))
+            missing = ops.missing_features("avx512")
             warnings.warn(
                 f"sparamx.load: this CPU cannot run our avx512 kernels{f' (it lacks {missing})' if missing else ''}; "
                 f"{path} runs on torch with its packed linears unpacked to dense weights (stock speed and memory). "

@@ -93,6 +93,11 @@ def available_isas() -> tuple[str, ...]:
     return tuple(name for name in ISAS if _NEEDS[name] <= cpu_features())
 
 
+def missing_features(path: str) -> str:
+    """The CPU features kernel path `path` needs and this process lacks, comma-separated ("" when none)."""
+    return ", ".join(sorted(_NEEDS[path] - cpu_features()))
+
+
 def isa() -> str:
     """What the ops are asked for: $SPARAMX_ISA when set (reference | avx512 | amx: that path at every M), else
     "auto" (AMX tiles from AMX_MIN_ROWS rows of x where the CPU has AMX, the AVX-512 kernels below, else reference).
@@ -103,8 +108,7 @@ def isa() -> str:
     if forced not in ISAS:
         raise ValueError(f"SPARAMX_ISA={forced!r}: expected one of auto, {', '.join(ISAS)}")
     if forced not in available_isas():
-        missing = ", ".join(sorted(_NEEDS[forced] - cpu_features()))
-        raise RuntimeError(f"SPARAMX_ISA={forced} but this CPU lacks {missing}")
+        raise RuntimeError(f"SPARAMX_ISA={forced} but this CPU lacks {missing_features(forced)}")
     return forced
 
 

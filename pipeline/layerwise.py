@@ -125,16 +125,17 @@ def _collect_input_stats(block, linears: dict, names: list[str], hidden, block_k
 
 def _prune_linear(name: str, module, config: PruneConfig, stats: InputStats | None = None) -> dict:
     weight = module.weight.data
-    scores = magnitude_scores(weight) if stats is None else wanda_scores(weight, stats.sums)
     sparsity = config.sparsity_for(name)
-    if config.adaptive_mask and (sparsity > 0 or config.nm):
-        weight.copy_(wanda_sweep(weight, stats.gram, sparsity, config.nm, config.refit_damp))
-    elif sparsity > 0 or config.nm:
-        mask = prune_mask(scores, sparsity, config.nm, config.group)
-        if config.refit:
-            weight.copy_(refit_kept_weights(weight, mask, stats.gram, config.refit_damp))
+    if sparsity > 0 or config.nm:
+        if config.adaptive_mask:  # the sweep scores each block of columns itself, on the weights refit so far
+            weight.copy_(wanda_sweep(weight, stats.gram, sparsity, config.nm, config.refit_damp))
         else:
-            apply_mask_(weight, mask)
+            scores = magnitude_scores(weight) if stats is None else wanda_scores(weight, stats.sums)
+            mask = prune_mask(scores, sparsity, config.nm, config.group)
+            if config.refit:
+                weight.copy_(refit_kept_weights(weight, mask, stats.gram, config.refit_damp))
+            else:
+                apply_mask_(weight, mask)
     nnz = int(torch.count_nonzero(weight))
     return {
         "name": name,
