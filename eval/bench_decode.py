@@ -108,14 +108,22 @@ def prepare(model: str, runtimes: list[str], layers: int, cache: Path) -> dict[s
         if recipe is None:
             continue
         out = cache / f"{Path(source).name if '/' in source else source}-{recipe}"
-        if not (out / "sparamx.json").is_file():
-            if recipe in INLINE_RECIPES:
-                spec = Recipe.from_dict({"name": recipe, **INLINE_RECIPES[recipe]})
-            else:
-                spec = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / f"{recipe}.yaml")
+        if recipe in INLINE_RECIPES:
+            spec = Recipe.from_dict({"name": recipe, **INLINE_RECIPES[recipe]})
+        else:
+            spec = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / f"{recipe}.yaml")
+        if not _cached_with(out, spec):
             sparamx.compress(source, spec, out=out, overwrite=True)
         paths[runtime] = str(out)
     return paths
+
+
+def _cached_with(path: Path, spec) -> bool:
+    """An artifact at `path` built by this very recipe (a recipe edited since then rebuilds it)."""
+    try:
+        return json.loads((path / "sparamx.json").read_text())["recipe"] == spec.to_dict()
+    except (OSError, ValueError, KeyError):
+        return False
 
 
 @functools.cache

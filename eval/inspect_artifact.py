@@ -1,5 +1,6 @@
 """What an artifact holds, per layer, read from its safetensors headers (no tensor data is loaded)."""
 
+import math
 from pathlib import Path
 
 from safetensors import safe_open
@@ -9,23 +10,24 @@ from ..pipeline.artifact import PACKED_KEYS, read_manifest
 _DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "I16": 2, "I32": 4, "I64": 8, "BOOL": 1}
 
 
-def tensor_bytes(path: Path, manifest: dict) -> dict[str, int]:
-    sizes = {}
+def tensor_shapes(path: Path, manifest: dict) -> dict[str, tuple[list[int], int]]:
+    """Each stored tensor's shape and bytes."""
+    shapes = {}
     for filename in manifest["files"]:
         with safe_open(path / filename, framework="pt") as fh:
             for name in fh.keys():
                 piece = fh.get_slice(name)
-                count = 1
-                for dim in piece.get_shape():
-                    count *= dim
-                sizes[name] = count * _DTYPE_BYTES[piece.get_dtype()]
-    return sizes
+                shape = list(piece.get_shape())
+                shapes[name] = (shape, math.prod(shape) * _DTYPE_BYTES[piece.get_dtype()])
+    return shapes
 
 
 def artifact_table(path: str | Path) -> tuple[list[dict], dict]:
+    """One row per decoder linear, and totals over them (totals["lm_head"]: the int8 lm_head's row, if stored so)."""
     path = Path(path)
     manifest = read_manifest(path)
-    sizes = tensor_bytes(path, manifest)
+    shapes = tensor_shapes(path, manifest)
+    sizes = {name: nbytes for name, (_, nbytes) in shapes.items()}
     rows = []
     for layer in manifest["layers"]:
         name = layer["name"]
@@ -48,5 +50,18 @@ def artifact_table(path: str | Path) -> tuple[list[dict], dict]:
         "files_bytes": sum(f["bytes"] for f in manifest["files"].values()),
         "source": manifest["source_model"]["name"],
         "recipe": manifest["recipe"]["name"],
+        "lm_head": None,
     }
+    head = manifest.get("lm_head")
+    if head:
+        shape, nbytes = shapes[f"{head['name']}.weight"]
+        params = math.prod(shape)
+        totals["lm_head"] = {
+            **head,
+            "shape": shape,
+            "sparsity": 0.0,
+            "nnz": params,
+            "bytes": nbytes,
+            "bits_per_weight": 8 * nbytes / params,
+        }
     return rows, totals

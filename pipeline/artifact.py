@@ -36,11 +36,12 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def compression_config(records: list[dict], structure: str) -> dict:
-    """The compressed-tensors style quantization_config that config.json carries."""
+def compression_config(records: list[dict], structure: str, int8_head: str | None = None) -> dict:
+    """The compressed-tensors style quantization_config that config.json carries. `int8_head` names the output linear
+    when it is stored as int8 too (it is never sparse)."""
     total = sum(r["shape"][0] * r["shape"][1] for r in records)
     nonzero = sum(r["nnz"] for r in records)
-    int8 = sorted(r["name"] for r in records if r["dtype"] == "int8")
+    int8 = sorted(r["name"] for r in records if r["dtype"] == "int8") + ([int8_head] if int8_head else [])
     config = {
         "quant_method": "compressed-tensors",
         "format": "sparse-bitmask",
@@ -57,7 +58,7 @@ def compression_config(records: list[dict], structure: str) -> dict:
     }
     if int8:
         config["format"] = "int-quantized"
-        config["ignore"] = ["lm_head"]
+        config["ignore"] = [] if int8_head else ["lm_head"]
         config["config_groups"] = {
             "group_0": {
                 "targets": int8,
@@ -88,19 +89,18 @@ def artifact_state_dict(model, layouts: dict[str, tuple[str, str]], pack: Callab
     """Tensors to store. layouts maps a linear's name to (kind, dtype): kind bitmap -> P.shape/compressed/bitmask/
     row_offsets, dense -> P.weight; dtype int8 -> int8 values plus P.weight_scale [out, 1] float32 (per-channel
     symmetric). Everything else is stored in bf16. A tensor sharing storage with one already stored (tied lm_head) is
-    left out; the loader re-ties it.
+    left out, and the loader re-ties it, unless layouts names it: then it is stored as its own copy.
     """
     out: dict[str, torch.Tensor] = {}
     seen: set[tuple[int, tuple]] = set()
     for name, tensor in model.state_dict().items():
-        key = (tensor.data_ptr(), tuple(tensor.shape))
-        if key in seen:
-            continue
-        seen.add(key)
         prefix = name.removesuffix(".weight")
         value = tensor.to(torch.bfloat16) if tensor.is_floating_point() else tensor
         if not (name.endswith(".weight") and prefix in layouts):
-            out[name] = value.contiguous()
+            key = (tensor.data_ptr(), tuple(tensor.shape))
+            if key not in seen:
+                seen.add(key)
+                out[name] = value.contiguous()
             continue
         kind, dtype = layouts[prefix]
         stored = value.contiguous()
@@ -167,11 +167,14 @@ def write_artifact(
     return out
 
 
-def save_config(model, records: list[dict], structure: str):
-    """A copy of the model's config that says what was done (compressed-tensors sparse-bitmask, stored in bf16)."""
+def save_config(model, records: list[dict], structure: str, int8_head: str | None = None):
+    """A copy of the model's config that says what was done (compressed-tensors sparse-bitmask, stored in bf16).
+    An int8 lm_head is stored apart from the bf16 embeddings, so the config no longer ties them."""
     config = copy.deepcopy(model.config)
     config.architectures = [type(model).__name__]  # a GGUF-derived config lacks it; other tools look for it
-    config.quantization_config = compression_config(records, structure)
+    config.quantization_config = compression_config(records, structure, int8_head)
+    if int8_head:
+        config.tie_word_embeddings = False
     config.dtype = torch.bfloat16
     return config
 

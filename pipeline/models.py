@@ -140,3 +140,12 @@ def decoder_layers(model) -> torch.nn.ModuleList:
 def linear_modules(module: torch.nn.Module, prefix: str) -> dict[str, torch.nn.Linear]:
     """The nn.Linear submodules of a decoder block, by full name (prefix.self_attn.q_proj, ...)."""
     return {f"{prefix}.{name}": mod for name, mod in module.named_modules() if isinstance(mod, torch.nn.Linear)}
+
+
+def output_linear_name(model) -> str:
+    """The module name of the model's output projection (lm_head for the Llama family)."""
+    head = model.get_output_embeddings()
+    name = next((n for n, mod in model.named_modules() if mod is head), None)
+    if not isinstance(head, torch.nn.Linear) or name is None:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear output projection to quantize")
+    return name

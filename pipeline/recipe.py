@@ -115,11 +115,14 @@ class PruneConfig:
 
 @dataclass
 class QuantizeConfig:
-    """How decoder linears are stored after pruning. lm_head and embeddings stay bf16."""
+    """How linears are stored after pruning. Embeddings stay bf16; lm_head too unless `lm_head` says int8."""
 
     weights: str = "bf16"  # bf16 | int8 (per output channel, symmetric, scale = absmax / 127)
     # SmoothQuant's migration strength alpha in (0, 1) (arXiv:2211.10438), or null for none. Needs calibration data.
     smoothquant: float | None = None
+    # With weights: int8, store lm_head as dense int8 too (never pruned). A tied lm_head gets its own int8 copy and
+    # the embeddings stay bf16. At batch 1 lm_head is read once per token like every other weight.
+    lm_head: bool = False
 
     def __post_init__(self):
         if self.weights not in WEIGHT_FORMATS:
@@ -130,6 +133,10 @@ class QuantizeConfig:
                 raise RecipeError(f"quantize.smoothquant must be a number in (0, 1) or null, got {value!r}")
             if self.weights != "int8":
                 raise RecipeError("quantize.smoothquant only applies with quantize.weights: int8")
+        if not isinstance(self.lm_head, bool):
+            raise RecipeError(f"quantize.lm_head must be true or false, got {self.lm_head!r}")
+        if self.lm_head and self.weights != "int8":
+            raise RecipeError("quantize.lm_head only applies with quantize.weights: int8")
 
 
 @dataclass

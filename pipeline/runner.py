@@ -11,7 +11,7 @@ from .. import __version__
 from .artifact import artifact_state_dict, save_config, storage_kind, write_artifact
 from .errors import ArtifactError
 from .layerwise import prune_layerwise
-from .models import load_config, load_model, load_tokenizer, resolve_model
+from .models import load_config, load_model, load_tokenizer, output_linear_name, resolve_model
 from .recipe import Recipe, load_recipe
 from .smoothing import smooth_layerwise
 from .textdata import calibration_windows, load_documents
@@ -57,10 +57,11 @@ def compress(
     start = time.perf_counter()
     records = prune_layerwise(llm, recipe.prune, windows, progress=progress)
     timings["prune_s"] = time.perf_counter() - start
+    head = output_linear_name(llm) if recipe.quantize.lm_head else None
     smoothing = None
     if recipe.quantize.smoothquant is not None:
         start = time.perf_counter()
-        smoothing = smooth_layerwise(llm, windows, recipe.quantize.smoothquant, progress=progress)
+        smoothing = smooth_layerwise(llm, windows, recipe.quantize.smoothquant, progress=progress, head=head)
         timings["smooth_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -71,7 +72,10 @@ def compress(
         record["kind"] = storage_kind(*record["shape"], record["nnz"], dtype)
         record["dtype"] = dtype
     packed = {r["name"] for r in records if r["kind"] == "bitmap"}
-    tensors = artifact_state_dict(llm, {r["name"]: (r["kind"], r["dtype"]) for r in records}, bitmap_pack)
+    layouts = {r["name"]: (r["kind"], r["dtype"]) for r in records}
+    if head:
+        layouts[head] = ("dense", "int8")
+    tensors = artifact_state_dict(llm, layouts, bitmap_pack)
     structure = recipe.prune.pattern if recipe.prune.nm else "unstructured"
     manifest = {
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -81,12 +85,13 @@ def compress(
         "calibration": calibration,
         "layers": records,
         "smoothquant": smoothing,
+        "lm_head": {"name": head, "kind": "dense", "dtype": "int8"} if head else None,
         "kv_sparsity": None,
         "eval": None,
     }
     write_artifact(
         out,
-        save_config(llm, records, structure),
+        save_config(llm, records, structure, head),
         llm.generation_config,
         tokenizer,
         tensors,

@@ -5,6 +5,7 @@ model. Exact in real arithmetic: the block computes the same function before and
 Per Llama-family block, three foldable pairs (the op before the linears absorbs 1/s, the linears' columns take s):
 input_layernorm -> q/k/v, post_attention_layernorm -> gate/up, up_proj rows -> down_proj (down reads act(gate) * up).
 o_proj is left alone: with grouped-query attention its input channels share v_proj rows.
+With `head` (an int8 lm_head), a fourth: the final norm -> lm_head, on lm_head's own (untied) weight.
 """
 
 import torch
@@ -43,8 +44,11 @@ def _submodule(block, name: str, index: int):
 
 
 @torch.no_grad()
-def smooth_layerwise(model, windows: list[torch.Tensor], alpha: float, progress: bool = True) -> list[dict]:
-    """Fold SmoothQuant factors into every decoder block of `model`, in place; one record per fold."""
+def smooth_layerwise(
+    model, windows: list[torch.Tensor], alpha: float, progress: bool = True, head: str | None = None
+) -> list[dict]:
+    """Fold SmoothQuant factors into every decoder block of `model`, in place; one record per fold. `head` names the
+    output linear to smooth too (its weight is untied from the embeddings first: they must keep theirs)."""
     if not windows:
         raise ValueError("smoothquant needs calibration windows")
     layers = decoder_layers(model)
@@ -74,4 +78,17 @@ def smooth_layerwise(model, windows: list[torch.Tensor], alpha: float, progress:
                 {"layer": i, "absorbed_by": src_name, "linears": list(names), "max_scale": float(scales.max())}
             )
         hidden = outputs
+    if head:
+        norm, linear = getattr(model.model, "norm", None), model.get_submodule(head)
+        if norm is None or getattr(norm, "weight", None) is None:
+            raise ModelError("smoothquant: the model has no final norm (model.norm) to fold lm_head's factors into")
+        if linear.weight is model.get_input_embeddings().weight:
+            linear.weight = torch.nn.Parameter(linear.weight.detach().clone(), requires_grad=False)
+        absmax = torch.stack([norm(h).reshape(-1, norm.weight.shape[0]).abs().amax(dim=0).float() for h in hidden])
+        scales = smoothing_scales(absmax.amax(dim=0), [linear.weight], alpha)
+        norm.weight.div_(scales.to(norm.weight.dtype))
+        linear.weight.mul_(scales.to(linear.weight.dtype))
+        records.append(
+            {"layer": None, "absorbed_by": "model.norm", "linears": [head], "max_scale": float(scales.max())}
+        )
     return records

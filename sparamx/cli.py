@@ -36,6 +36,14 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def _inspect_row(row: dict) -> str:
+    shape = "x".join(str(s) for s in row["shape"])
+    return (
+        f"{row['name']:<44} {row['kind']:<7} {shape:>12} {100 * row['sparsity']:>8.2f}% {row['nnz']:>10} "
+        f"{row['bytes']:>11} {row['bits_per_weight']:>7.2f}"
+    )
+
+
 def cmd_inspect(args) -> int:
     from .eval.inspect_artifact import artifact_table
 
@@ -47,16 +55,14 @@ def cmd_inspect(args) -> int:
     print(header)
     print("-" * len(header))
     for row in table:
-        shape = "x".join(str(s) for s in row["shape"])
-        print(
-            f"{row['name']:<44} {row['kind']:<7} {shape:>12} {100 * row['sparsity']:>8.2f}% {row['nnz']:>10} "
-            f"{row['bytes']:>11} {row['bits_per_weight']:>7.2f}"
-        )
+        print(_inspect_row(row))
     print("-" * len(header))
     print(
         f"{'total linears':<44} {'':<7} {totals['params']:>12} {100 * totals['sparsity']:>8.2f}% "
         f"{totals['nnz']:>10} {totals['bytes']:>11} {totals['bits_per_weight']:>7.2f}"
     )
+    if totals["lm_head"]:
+        print(_inspect_row(totals["lm_head"]) + "  (int8, not pruned)")
     print(
         f"artifact: {totals['files_bytes'] / 2**20:.1f} MiB on disk in {totals['files']} safetensors file(s); "
         f"source {totals['source']}; recipe {totals['recipe']}"

@@ -24,6 +24,20 @@ def test_bench_decode_writes_json_table_and_plot(tmp_path, tiny_model_dir):
     assert (tmp_path / "out" / "bench.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_cached_artifacts_are_reused_only_for_the_same_recipe(tmp_path):
+    from sparamx.eval.bench_decode import _cached_with
+    from sparamx.pipeline.recipe import Recipe
+
+    spec = Recipe.from_dict({"name": "r", "prune": {"method": "magnitude", "sparsity": 0.5}})
+    assert not _cached_with(tmp_path, spec)  # nothing there
+    (tmp_path / "sparamx.json").write_text(json.dumps({"recipe": spec.to_dict()}))
+    assert _cached_with(tmp_path, spec)
+    edited = Recipe.from_dict({"name": "r", "prune": {"method": "magnitude", "sparsity": 0.6}})
+    assert not _cached_with(tmp_path, edited)
+    (tmp_path / "sparamx.json").write_text("{not json")
+    assert not _cached_with(tmp_path, spec)
+
+
 def test_peer_ratio_lines_compare_our_int8_with_each_llama_cpp_run():
     from sparamx.eval.bench_decode import peer_ratios
 

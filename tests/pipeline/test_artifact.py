@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import sparamx
+from sparamx.eval.inspect_artifact import artifact_table
 from sparamx.kernels import ops
 from sparamx.kernels.modules import DenseLinear, SparseLinear
 from sparamx.pipeline import artifact
@@ -272,6 +273,11 @@ def test_unpruned_layers_are_stored_dense(tmp_path, tiny_model_dir):
 INT8_RECIPES = {
     "magnitude-50-int8": load_recipe("recipes/magnitude-50-int8.yaml"),
     "int8": Recipe(name="int8", prune=PruneConfig(method="magnitude", sparsity=0.0), quantize=QuantizeConfig("int8")),
+    "magnitude-50-int8-head": Recipe(
+        name="magnitude-50-int8-head",
+        prune=PruneConfig(method="magnitude", sparsity=0.5),
+        quantize=QuantizeConfig("int8", lm_head=True),
+    ),
 }
 
 
@@ -297,6 +303,10 @@ def reference_model(tiny_model_dir, recipe_name):
     # Built as transformers builds a bf16 model (its rotary buffers stay fp32), then given those weights.
     reference = load_model(resolve_model(str(tiny_model_dir)), dtype=torch.bfloat16).eval()
     reference.load_state_dict({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()})
+    if INT8_RECIPES[recipe_name].quantize.lm_head:  # its own linear: the tied embeddings keep their bf16 weight
+        head = torch.nn.Linear(*reversed(reference.lm_head.weight.shape), bias=False, dtype=torch.bfloat16)
+        head.weight.data.copy_(dequantize(*quantize_per_channel(model.lm_head.weight.detach())))
+        reference.lm_head = head
     return reference
 
 
@@ -320,7 +330,27 @@ def test_int8_names_dtypes_and_config(int8_artifacts):
     assert {(r["kind"], r["dtype"]) for r in manifest["layers"]} == {("dense", "int8")}
 
 
-@pytest.mark.parametrize("name", ["magnitude-50-int8", "int8"])
+def test_int8_lm_head_is_stored_apart_from_the_tied_embeddings(int8_artifacts, smol_tokenizer):
+    path = int8_artifacts["magnitude-50-int8-head"]
+    tensors = load_file(path / "model.safetensors")
+    vocab = len(smol_tokenizer)
+    assert tensors["lm_head.weight"].dtype == torch.int8 and tensors["lm_head.weight"].shape == (vocab, 64)
+    assert tensors["lm_head.weight_scale"].shape == (vocab, 1)
+    assert tensors["model.embed_tokens.weight"].dtype == torch.bfloat16
+    config = json.loads((path / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False
+    quant = config["quantization_config"]
+    assert "lm_head" in quant["config_groups"]["group_0"]["targets"] and quant["ignore"] == []
+    assert "lm_head" in quant["sparsity_config"]["ignore"]  # quantized, never pruned
+    manifest = json.loads((path / "sparamx.json").read_text())
+    assert manifest["lm_head"] == {"name": "lm_head", "kind": "dense", "dtype": "int8"}
+    assert all(r["name"] != "lm_head" for r in manifest["layers"])
+    _, totals = artifact_table(path)
+    assert totals["lm_head"]["bytes"] == vocab * 64 and totals["lm_head"]["bits_per_weight"] == 8.0
+    assert artifact_table(int8_artifacts["int8"])[1]["lm_head"] is None
+
+
+@pytest.mark.parametrize("name", ["magnitude-50-int8", "int8", "magnitude-50-int8-head"])
 def test_int8_reload_is_exact_and_kernels_stay_close(int8_artifacts, tiny_model_dir, name):
     reference = reference_model(tiny_model_dir, name)
     model, tokenizer = sparamx.load(int8_artifacts[name], kernels=False)
@@ -329,8 +359,11 @@ def test_int8_reload_is_exact_and_kernels_stay_close(int8_artifacts, tiny_model_
         expected = reference(ids).logits
         assert torch.equal(model(ids).logits, expected)
         fast, _ = sparamx.load(int8_artifacts[name], kernels=True)
-        kind = SparseLinear if name.endswith("50-int8") else DenseLinear
+        kind = SparseLinear if name.startswith("magnitude-50") else DenseLinear
         assert sum(isinstance(m, kind) and m.int8 for m in fast.modules()) == 14
+        head = INT8_RECIPES[name].quantize.lm_head
+        assert isinstance(fast.lm_head, DenseLinear) and fast.lm_head.int8 == head
+        assert (model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()) != head
         # Activations quantized per token to 8 bits: the logits keep a high signal-to-noise ratio.
         assert sqnr_db(expected.float(), fast(ids).logits.float()) > 25
     assert fast.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, ids.shape[1] + 3)

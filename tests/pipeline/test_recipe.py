@@ -58,6 +58,8 @@ def test_two_of_four_implies_half_sparsity():
         ("quantize:\n  weights: int8\n  smoothquant: 1.0\n", "quantize.smoothquant must be a number in \\(0, 1\\)"),
         ("quantize:\n  smoothquant: 0.5\n", "smoothquant only applies with quantize.weights: int8"),
         ("quantize:\n  weights: int8\n  smooth: 0.5\n", "unknown key 'quantize.smooth'"),
+        ("quantize:\n  weights: int8\n  lm_head: int8\n", "quantize.lm_head must be true or false"),
+        ("quantize:\n  lm_head: true\n", "quantize.lm_head only applies with quantize.weights: int8"),
         ("prune:\n  method: magnitude\n  refit: true\n", "prune.refit needs calibration inputs"),
         ("prune:\n  refit: yes please\n", "prune.refit must be true or false"),
         ("prune:\n  refit: true\n  refit_damp: 0\n", "prune.refit_damp must be a number in \\(0, 1\\]"),

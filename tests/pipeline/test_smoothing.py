@@ -44,3 +44,28 @@ def test_smoothing_keeps_the_function_and_tames_an_outlier_channel(tiny_model_di
     assert len(records) == 3 * model.config.num_hidden_layers
     assert float(model.model.layers[0].input_layernorm.weight[5]) < 60.0
     assert q_after > q_before + 3  # dB
+
+
+@torch.no_grad()
+def test_smoothing_the_head_unties_it_and_keeps_the_function(tiny_model_dir):
+    model = load_model(resolve_model(str(tiny_model_dir)), dtype=torch.float32).eval()
+    model.model.norm.weight[3] = 40.0  # an outlier channel feeding lm_head
+    embeddings = model.model.embed_tokens.weight.clone()
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied in the source
+    gen = torch.Generator().manual_seed(1)
+    windows = [torch.randint(0, model.config.vocab_size, (1, 24), generator=gen) for _ in range(3)]
+    probe = torch.randint(0, model.config.vocab_size, (1, 24), generator=gen)
+    inputs = {}
+    hook = model.lm_head.register_forward_pre_hook(lambda m, a: inputs.update(x=a[0][0]))
+    before = model(probe).logits
+    head_before = int8_sqnr(model.lm_head, inputs["x"])
+    records = smooth_layerwise(model, windows, alpha=0.5, progress=False, head="lm_head")
+    after = model(probe).logits
+    head_after = int8_sqnr(model.lm_head, inputs["x"])
+    hook.remove()
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+    assert records[-1]["absorbed_by"] == "model.norm" and records[-1]["linears"] == ["lm_head"]
+    assert len(records) == 3 * model.config.num_hidden_layers + 1
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    assert torch.equal(model.model.embed_tokens.weight, embeddings)  # the input side keeps its weights
+    assert head_after > head_before + 3  # dB
