@@ -22,6 +22,10 @@ def test_bench_decode_writes_json_table_and_plot(tmp_path, tiny_model_dir):
     table = (tmp_path / "out" / "bench.md").read_text()
     assert "| sparamx 50% int8 | 2 | 8 |" in table and "× stock bf16" in table
     assert (tmp_path / "out" / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    manifest = json.loads(
+        (tmp_path / "cache" / f"{tiny_model_dir.name}-magnitude-50-int8" / "sparamx.json").read_text()
+    )
+    assert manifest["lm_head"]["dtype"] == "int8"
 
 
 def test_cached_artifacts_are_reused_only_for_the_same_recipe(tmp_path):
@@ -49,6 +53,10 @@ def test_peer_ratio_lines_compare_our_int8_with_each_llama_cpp_run():
     ]
     assert peer_ratios(rows) == ["", "- m, prompt 8: sparamx 50% int8 decodes at 1.50x llama.cpp Q8_0"]
     assert peer_ratios(rows[:1]) == []
+    head = {"model": "m", "runtime": "sparamx 50% int8, bf16 lm_head", "batch": 1, "prompt": 8, "tokens_per_s": 50.0}
+    assert (
+        peer_ratios([*rows, head])[2] == "- m, prompt 8: sparamx 50% int8, bf16 lm_head decodes at 2.50x llama.cpp Q8_0"
+    )
 
 
 def test_llama_cpp_peer_runs_batch_one_on_the_shipped_gguf(tmp_path):

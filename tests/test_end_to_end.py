@@ -12,6 +12,7 @@ from sparamx.kernels.modules import SparseLinear
 from sparamx.pipeline.artifact import PACKED_KEYS, packed_prefixes
 from sparamx.pipeline.bitmap import mask_from_bitmask, unpack_reference
 from sparamx.pipeline.models import load_model, load_tokenizer, resolve_model
+from sparamx.pipeline.recipe import PruneConfig, Recipe, load_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -33,11 +34,20 @@ def artifacts(tmp_path_factory, data_root):
         out[name] = root / name
         result = sparamx.compress("smollm2-135m", f"recipes/{name}.yaml", out=out[name], progress=False)
         print(f"{name}: {result}")
-    # wanda-50-int8 as a second stage on the wanda-50 artifact (SmoothQuant + int8 of the same pruned weights), which
-    # spares the suite a second Wanda pass; recipes/wanda-50-int8.yaml runs both stages at once.
+    # wanda-50-int8 as a second stage on the wanda-50 artifact (recipes/wanda-50-int8.yaml's quantize section:
+    # SmoothQuant + int8 of the same pruned weights, lm_head int8 too), which spares the suite a second Wanda pass;
+    # the recipe itself runs both stages at once.
+    shipped = load_recipe("recipes/wanda-50-int8.yaml")
+    second = Recipe(
+        name="wanda-50-int8",
+        prune=PruneConfig(method="magnitude", sparsity=0.0),
+        quantize=shipped.quantize,
+        calibration=shipped.calibration,
+    )
     out["wanda-50-int8"] = root / "wanda-50-int8"
-    result = sparamx.compress(str(out["wanda-50"]), "recipes/int8.yaml", out=out["wanda-50-int8"], progress=False)
+    result = sparamx.compress(str(out["wanda-50"]), second, out=out["wanda-50-int8"], progress=False)
     print(f"wanda-50-int8: {result}")
+    assert json.loads((out["wanda-50-int8"] / "sparamx.json").read_text())["lm_head"]["dtype"] == "int8"
     return out
 
 
