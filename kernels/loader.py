@@ -14,7 +14,7 @@ from ..pipeline.artifact import (
     read_tensors,
 )
 from ..pipeline.errors import ArtifactError
-from ..pipeline.models import decoder_layers, linear_modules
+from ..pipeline.models import decoder_layers, linear_modules, output_linear_name
 from . import ops
 from .modules import DenseLinear, SparseLinear
 
@@ -54,6 +54,12 @@ def load(path: str | Path, dtype: torch.dtype = torch.bfloat16, verify: bool = T
         del config.quantization_config  # describes the files, not a quantizer transformers should apply
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    head = output_linear_name(model)
+    if config.tie_word_embeddings and f"{head}.weight" in tensors:  # re-tying would silently drop the stored head
+        raise ArtifactError(
+            f"{path / 'config.json'}: ties {head} to the embeddings, but the artifact stores {head}.weight "
+            "of its own; it needs tie_word_embeddings: false"
+        )
     packed: set[str] = set()
     if kernels:
         state = {name: t for name, (_, t) in tensors.items()}

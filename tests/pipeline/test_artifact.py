@@ -350,6 +350,16 @@ def test_int8_lm_head_is_stored_apart_from_the_tied_embeddings(int8_artifacts, s
     assert artifact_table(int8_artifacts["int8"])[1]["lm_head"] is None
 
 
+def test_a_config_tying_a_stored_head_is_named(int8_artifacts, tmp_path):
+    path = tmp_path / "tied"
+    shutil.copytree(int8_artifacts["magnitude-50-int8"], path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    for kernels in (True, False):  # re-tied, the int8 lm_head would be dropped for the embeddings without a word
+        with pytest.raises(ArtifactError, match="config.json: ties lm_head to the embeddings, but the artifact"):
+            sparamx.load(path, kernels=kernels)
+
+
 @pytest.mark.parametrize("name", ["magnitude-50-int8", "int8", "magnitude-50-int8-bf16-head"])
 def test_int8_reload_is_exact_and_kernels_stay_close(int8_artifacts, tiny_model_dir, name):
     reference = reference_model(tiny_model_dir, name)
