@@ -11,6 +11,8 @@ import math
 import torch
 from torch import Tensor
 
+_ROWS_PER_BLOCK = 4096
+
 
 def quantize_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
     """weight [out, in] -> (q int8 [out, in], scale float32 [out]) with weight ~= scale[:, None] * q.
@@ -19,12 +21,17 @@ def quantize_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
     """
     if weight.dim() != 2:
         raise ValueError(f"expected a 2-D weight [out, in], got shape {tuple(weight.shape)}")
-    w = weight.float()
-    if not bool(torch.isfinite(w).all()):
-        raise ValueError("the weight holds inf or nan; it cannot be quantized")
-    scale = w.abs().amax(dim=1) / 127.0
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    q = torch.empty(weight.shape, dtype=torch.int8)
+    scale = torch.empty(weight.shape[0], dtype=torch.float32)
+    # Row blocks bound the fp32 temporaries (a Llama-3 lm_head in fp32 would be 2 GiB); rows are independent.
+    for start in range(0, weight.shape[0], _ROWS_PER_BLOCK):
+        w = weight[start : start + _ROWS_PER_BLOCK].float()
+        if not bool(torch.isfinite(w).all()):
+            raise ValueError("the weight holds inf or nan; it cannot be quantized")
+        s = w.abs().amax(dim=1) / 127.0
+        s = torch.where(s > 0, s, torch.ones_like(s))
+        q[start : start + len(w)] = torch.round(w / s[:, None]).clamp_(-127, 127).to(torch.int8)
+        scale[start : start + len(w)] = s
     return q, scale
 
 

@@ -46,3 +46,16 @@ def test_storage_kind_is_whichever_is_fewer_bytes():
     assert storage_kind(64, 4096, int(64 * 4096 * 0.9), "bfloat16") == "bitmap"
     assert storage_kind(64, 4096, int(64 * 4096 * 0.9), "int8") == "dense"  # 1 bit of mask is 1/8 of an int8
     assert storage_kind(64, 4096, int(64 * 4096 * 0.8), "int8") == "bitmap"
+
+
+def test_row_blocks_give_the_same_result(monkeypatch):
+    from sparamx.pipeline import quantize
+
+    w = torch.randn(10, 33, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    whole = quantize_per_channel(w)
+    monkeypatch.setattr(quantize, "_ROWS_PER_BLOCK", 3)  # blocks of 3, 3, 3 and a tail of 1
+    blocked = quantize_per_channel(w)
+    assert torch.equal(blocked[0], whole[0]) and torch.equal(blocked[1], whole[1])
+    w[9, 0] = float("inf")  # in the tail block
+    with pytest.raises(ValueError, match="inf or nan"):
+        quantize_per_channel(w)
