@@ -95,12 +95,14 @@ def artifact_state_dict(model, layouts: dict[str, tuple[str, str]], pack: Callab
     seen: set[tuple[int, tuple]] = set()
     for name, tensor in model.state_dict().items():
         prefix = name.removesuffix(".weight")
+        layout = name.endswith(".weight") and prefix in layouts
+        key = (tensor.data_ptr(), tuple(tensor.shape))
+        if not layout and key in seen:
+            continue
         value = tensor.to(torch.bfloat16) if tensor.is_floating_point() else tensor
-        if not (name.endswith(".weight") and prefix in layouts):
-            key = (tensor.data_ptr(), tuple(tensor.shape))
-            if key not in seen:
-                seen.add(key)
-                out[name] = value.contiguous()
+        if not layout:
+            seen.add(key)
+            out[name] = value.contiguous()
             continue
         kind, dtype = layouts[prefix]
         stored = value.contiguous()
