@@ -43,6 +43,18 @@ def _submodule(block, name: str, index: int):
         raise ModelError(message) from None
 
 
+def _fold(src, how: str, linears: list, absmax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Divide `src`'s output channels by SmoothQuant's factors and multiply the linears' input columns by them."""
+    scales = smoothing_scales(absmax, [lin.weight for lin in linears], alpha)
+    # A norm's weight is [channels]; up_proj's weight is [channels, hidden], one row per channel.
+    src.weight.div_(scales.reshape((-1,) if how == "norm" else (-1, 1)).to(src.weight.dtype))
+    if how == "rows" and src.bias is not None:
+        src.bias.div_(scales.to(src.bias.dtype))
+    for lin in linears:
+        lin.weight.mul_(scales.to(lin.weight.dtype))
+    return scales
+
+
 @torch.no_grad()
 def smooth_layerwise(
     model, windows: list[torch.Tensor], alpha: float, progress: bool = True, head: str | None = None
@@ -67,13 +79,7 @@ def smooth_layerwise(
             for handle in handles:
                 handle.remove()
         for (src, how, linears), stat, (src_name, _, names) in zip(folds, stats, FOLDS, strict=True):
-            scales = smoothing_scales(stat.absmax, [lin.weight for lin in linears], alpha)
-            # A norm's weight is [channels]; up_proj's weight is [channels, hidden], one row per channel.
-            src.weight.div_(scales.reshape((-1,) if how == "norm" else (-1, 1)).to(src.weight.dtype))
-            if how == "rows" and src.bias is not None:
-                src.bias.div_(scales.to(src.bias.dtype))
-            for lin in linears:
-                lin.weight.mul_(scales.to(lin.weight.dtype))
+            scales = _fold(src, how, linears, stat.absmax, alpha)
             records.append(
                 {"layer": i, "absorbed_by": src_name, "linears": list(names), "max_scale": float(scales.max())}
             )
@@ -85,9 +91,7 @@ def smooth_layerwise(
         if linear.weight is model.get_input_embeddings().weight:
             linear.weight = torch.nn.Parameter(linear.weight.detach().clone(), requires_grad=False)
         absmax = torch.stack([norm(h).reshape(-1, norm.weight.shape[0]).abs().amax(dim=0).float() for h in hidden])
-        scales = smoothing_scales(absmax.amax(dim=0), [linear.weight], alpha)
-        norm.weight.div_(scales.to(norm.weight.dtype))
-        linear.weight.mul_(scales.to(linear.weight.dtype))
+        scales = _fold(norm, "norm", [linear], absmax.amax(dim=0), alpha)
         records.append(
             {"layer": None, "absorbed_by": "model.norm", "linears": [head], "max_scale": float(scales.max())}
         )
