@@ -90,8 +90,10 @@ def smooth_layerwise(
             raise ModelError("smoothquant: the model has no final norm (model.norm) to fold lm_head's factors into")
         if linear.weight is model.get_input_embeddings().weight:
             linear.weight = torch.nn.Parameter(linear.weight.detach().clone(), requires_grad=False)
-        absmax = torch.stack([norm(h).reshape(-1, norm.weight.shape[0]).abs().amax(dim=0).float() for h in hidden])
-        scales = _fold(norm, "norm", [linear], absmax.amax(dim=0), alpha)
+        stat = InputAbsMax()
+        for h in hidden:
+            stat(linear, (norm(h),))  # lm_head's input, without paying for lm_head itself
+        scales = _fold(norm, "norm", [linear], stat.absmax, alpha)
         records.append(
             {"layer": None, "absorbed_by": "model.norm", "linears": [head], "max_scale": float(scales.max())}
         )
