@@ -126,9 +126,12 @@ def prepare(model: str, runtimes: list[str], layers: int, cache: Path) -> dict[s
 
 def _cached_with(path: Path, spec) -> bool:
     """An artifact at `path` built by this very recipe (a recipe edited since then rebuilds it)."""
+    from ..pipeline.artifact import read_manifest
+    from ..pipeline.errors import ArtifactError
+
     try:
-        return json.loads((path / "sparamx.json").read_text())["recipe"] == spec.to_dict()
-    except (OSError, ValueError, KeyError):
+        return read_manifest(path)["recipe"] == spec.to_dict()
+    except (ArtifactError, KeyError):
         return False
 
 

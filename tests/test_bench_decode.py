@@ -30,11 +30,13 @@ def test_bench_decode_writes_json_table_and_plot(tmp_path, tiny_model_dir):
 
 def test_cached_artifacts_are_reused_only_for_the_same_recipe(tmp_path):
     from sparamx.eval.bench_decode import _cached_with
+    from sparamx.pipeline.artifact import FORMAT, VERSION
     from sparamx.pipeline.recipe import Recipe
 
     spec = Recipe.from_dict({"name": "r", "prune": {"method": "magnitude", "sparsity": 0.5}})
     assert not _cached_with(tmp_path, spec)  # nothing there
-    (tmp_path / "sparamx.json").write_text(json.dumps({"recipe": spec.to_dict()}))
+    manifest = {"format": FORMAT, "format_version": VERSION, "files": {"model.safetensors": {}}}
+    (tmp_path / "sparamx.json").write_text(json.dumps({**manifest, "recipe": spec.to_dict()}))
     assert _cached_with(tmp_path, spec)
     edited = Recipe.from_dict({"name": "r", "prune": {"method": "magnitude", "sparsity": 0.6}})
     assert not _cached_with(tmp_path, edited)
