@@ -18,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import ArtifactError
-from .quantize import dequantize, quantize_per_channel
+from .quantize import dequantize
 
 FORMAT = "sparamx-artifact"
 VERSION = "1.0"
@@ -85,11 +85,15 @@ def storage_kind(rows: int, cols: int, nnz: int, dtype: str) -> str:
     return "bitmap" if packed_bytes(rows, cols, nnz, dtype) < rows * cols * VALUE_BYTES[dtype] else "dense"
 
 
-def artifact_state_dict(model, layouts: dict[str, tuple[str, str]], pack: Callable) -> dict[str, torch.Tensor]:
+def artifact_state_dict(
+    model, layouts: dict[str, tuple[str, str]], pack: Callable, quantized: dict[str, tuple[torch.Tensor, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
     """Tensors to store. layouts maps a linear's name to (kind, dtype): kind bitmap -> P.shape/compressed/bitmask/
-    row_offsets, dense -> P.weight; dtype int8 -> int8 values plus P.weight_scale [out, 1] float32 (per-channel
-    symmetric). Everything else is stored in bf16. A tensor sharing storage with one already stored (tied lm_head) is
-    left out, and the loader re-ties it, unless layouts names it: then it is stored as its own copy.
+    row_offsets, dense -> P.weight; dtype int8 -> the values and per-channel scales the quantize stage chose
+    (`quantized[name]`), stored as P.weight int8 / P.compressed and P.weight_scale [out, 1] float32. The model's own
+    float weight gives the pruning mask. Everything else is stored in bf16. A tensor sharing storage with one already
+    stored (tied lm_head) is left out, and the loader re-ties it, unless layouts names it: then it is stored as its
+    own copy.
     """
     out: dict[str, torch.Tensor] = {}
     seen: set[tuple[int, tuple]] = set()
@@ -107,7 +111,9 @@ def artifact_state_dict(model, layouts: dict[str, tuple[str, str]], pack: Callab
         kind, dtype = layouts[prefix]
         stored = value.contiguous()
         if dtype == "int8":
-            stored, scale = quantize_per_channel(tensor)
+            if prefix not in quantized:
+                raise ValueError(f"{prefix}: its layout says int8, but the quantize stage did not quantize it")
+            stored, scale = quantized[prefix]
             out[f"{prefix}.weight_scale"] = scale.reshape(-1, 1).contiguous()
         if kind == "bitmap":
             compressed, bitmask, row_offsets = pack(value.contiguous())

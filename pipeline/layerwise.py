@@ -64,11 +64,11 @@ def capture_block_inputs(model, windows: list[torch.Tensor]) -> tuple[list[torch
     return captured, kwargs
 
 
-def _block_output(out):
+def block_output(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-def _input_groups(block, linears: dict, hidden: torch.Tensor, block_kwargs: dict) -> list[list[str]]:
+def input_groups(block, linears: dict, hidden: torch.Tensor, block_kwargs: dict) -> list[list[str]]:
     """Linears in the order the block runs them, grouped when they read the same input (q/k/v; gate/up)."""
     # The inputs themselves are kept for this one pass and compared by identity: comparing addresses would let a
     # freed input's memory, reused for the next one, merge groups that do not share an input.
@@ -106,7 +106,7 @@ def _stop_after(module):
 
 
 @torch.no_grad()
-def _collect_input_stats(block, linears: dict, names: list[str], hidden, block_kwargs, gram: bool) -> dict:
+def collect_input_stats(block, linears: dict, names: list[str], hidden, block_kwargs, gram: bool) -> dict:
     """InputStats over all calibration tokens for each linear in `names`; the forward stops after the last one."""
     stats = {name: InputStats(linears[name].in_features, gram) for name in names}
     handles = [linears[name].register_forward_hook(stats[name]) for name in names]
@@ -167,15 +167,15 @@ def prune_layerwise(model, config: PruneConfig, windows: list[torch.Tensor] | No
             done = {name: _prune_linear(name, mod, config) for name, mod in linears.items()}
         else:
             done = {}
-            groups = _input_groups(block, linears, hidden[0], block_kwargs)
+            groups = input_groups(block, linears, hidden[0], block_kwargs)
             if not config.sequential:
                 groups = [[name for group in groups for name in group]]
             for group in groups:
-                stats = _collect_input_stats(block, linears, group, hidden, block_kwargs, config.refit)
+                stats = collect_input_stats(block, linears, group, hidden, block_kwargs, config.refit)
                 done.update({name: _prune_linear(name, linears[name], config, stats[name]) for name in group})
                 del stats
             if i + 1 < len(layers):
-                hidden = [_block_output(block(h, **block_kwargs)) for h in hidden]
+                hidden = [block_output(block(h, **block_kwargs)) for h in hidden]
         records += [done[name] for name in linears]
         bar.set_postfix(seconds=f"{time.perf_counter() - start:.1f}")
     return records

@@ -6,6 +6,8 @@ A mask is a bool tensor shaped like the weight, True where the weight is kept.
 import torch
 from torch import Tensor
 
+from .obs_sweep import column_sweep
+
 
 def magnitude_scores(weight: Tensor) -> Tensor:
     return weight.abs().float()
@@ -80,7 +82,7 @@ def refit_kept_weights(weight: Tensor, mask: Tensor, gram: Tensor, damp: float =
     """
     if mask.shape != weight.shape:
         raise ValueError(f"mask shape {tuple(mask.shape)} differs from weight shape {tuple(weight.shape)}")
-    return _obs_sweep(weight, gram, damp, block, lambda w1, i1, i2: mask[:, i1:i2])
+    return column_sweep(weight, gram, damp, block, lambda w1, i1, i2: mask[:, i1:i2])
 
 
 def wanda_sweep(
@@ -107,35 +109,4 @@ def wanda_sweep(
         # per block, summing to floor(in_features * sparsity) over the row
         return _drop_lowest_per_row(scores, int(i2 * sparsity) - int(i1 * sparsity))
 
-    return _obs_sweep(weight, gram, damp, block, choose)
-
-
-def _obs_sweep(weight: Tensor, gram: Tensor, damp: float, block: int, choose) -> Tensor:
-    """The column sweep both refits share; choose(w_block, i1, i2) -> the block's keep mask, given its columns as
-    updated so far."""
-    out_features, in_features = weight.shape
-    if gram.shape != (in_features, in_features):
-        raise ValueError(f"gram must have shape ({in_features}, {in_features}), got {tuple(gram.shape)}")
-    h = gram.float().clone()  # fp32 throughout, as SparseGPT: the damping keeps H well conditioned
-    dead = h.diagonal() == 0  # inputs that never fire: no compensation through them, and H stays invertible
-    h[dead, dead] = 1.0
-    h.diagonal().add_(damp * h.diagonal().mean())
-    # Upper Cholesky factor of H^-1: row i holds the OBS update of columns i.. when column i is removed.
-    h = torch.cholesky_inverse(torch.linalg.cholesky(h))
-    hinv = torch.linalg.cholesky(h, upper=True)
-    del h
-    w = weight.float().clone()
-    pruned = torch.zeros_like(w, dtype=torch.bool)
-    for i1 in range(0, in_features, block):
-        i2 = min(i1 + block, in_features)
-        w1, hinv1 = w[:, i1:i2], hinv[i1:i2, i1:i2]
-        pruned1 = pruned[:, i1:i2]
-        pruned1.copy_(~choose(w1, i1, i2))
-        err1 = torch.zeros_like(w1)
-        for i in range(i2 - i1):
-            err = torch.where(pruned1[:, i], w1[:, i], 0.0) / hinv1[i, i]
-            w1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
-            err1[:, i] = err
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    w[pruned] = 0.0  # exact zeros where the update left rounding residue
-    return w
+    return column_sweep(weight, gram, damp, block, choose)

@@ -4,12 +4,16 @@ Weights: per output channel, symmetric, scale = absmax / 127, so the largest wei
 weight is ever clipped (the clamp below only guards the rounding of exactly +-127.5 away). A weight smaller than half
 a step rounds to 0 -- that is quantization, not pruning: the artifact keeps the pruning mask, not the rounded zeros.
 Activations are quantized by the kernels at run time, per token (kernels/csrc/linear.cpp).
+Two ways to round: to nearest (`quantize_per_channel`), or GPTQ (`gptq_per_channel`), which fixes the columns one at a
+time and moves each one's rounding error onto the columns not yet rounded, against the calibration inputs' X^T X.
 """
 
 import math
 
 import torch
 from torch import Tensor
+
+from .obs_sweep import column_sweep
 
 _ROWS_PER_BLOCK = 4096
 
@@ -33,6 +37,26 @@ def quantize_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
         q[start : start + len(w)] = torch.round(w / s[:, None]).clamp_(-127, 127).to(torch.int8)
         scale[start : start + len(w)] = s
     return q, scale
+
+
+def gptq_per_channel(weight: Tensor, gram: Tensor, damp: float = 0.01, block: int = 128) -> tuple[Tensor, Tensor]:
+    """GPTQ (Frantar et al. 2022, arXiv:2210.17323) on the per-channel symmetric grid of `quantize_per_channel`: the
+    same scales (absmax / 127 of each row), the same output format, but the values chosen so that X W^T moves as
+    little as possible on the calibration inputs (gram = X^T X). Zeros stay zeros (the pruning mask is kept)."""
+    if weight.dim() != 2:
+        raise ValueError(f"expected a 2-D weight [out, in], got shape {tuple(weight.shape)}")
+    w = weight.float()
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError("the weight holds inf or nan; it cannot be quantized")
+    scale = w.abs().amax(dim=1) / 127.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    keep = w != 0
+
+    def on_grid(column: Tensor, i: int) -> Tensor:
+        return torch.round(column / scale).clamp_(-127, 127) * scale
+
+    swept = column_sweep(w, gram, damp, block, lambda w1, i1, i2: keep[:, i1:i2], on_grid)
+    return torch.round(swept / scale[:, None]).to(torch.int8), scale
 
 
 def dequantize(q: Tensor, scale: Tensor) -> Tensor:

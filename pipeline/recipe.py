@@ -16,6 +16,7 @@ from .errors import RecipeError
 METHODS = ("magnitude", "wanda")
 GROUPS = ("row", "layer")
 WEIGHT_FORMATS = ("bf16", "int8")
+ROUNDINGS = ("rtn", "gptq")
 _NM = re.compile(r"^(\d+):(\d+)$")
 
 
@@ -123,10 +124,21 @@ class QuantizeConfig:
     # With weights: int8, store lm_head as dense int8 too (never pruned). A tied lm_head gets its own int8 copy and
     # the embeddings stay bf16. At batch 1 lm_head is read once per token like every other weight.
     lm_head: bool = False
+    # How int8 values are chosen on that grid: rtn rounds each weight to nearest; gptq (arXiv:2210.17323) rounds
+    # column by column and moves each rounding error onto the columns not yet rounded, against the calibration
+    # inputs' X^T X (+ damp * mean of its diagonal), block by block. Needs calibration data.
+    method: str = "rtn"
+    damp: float = 0.01
 
     def __post_init__(self):
         if self.weights not in WEIGHT_FORMATS:
             raise RecipeError(f"quantize.weights must be one of {', '.join(WEIGHT_FORMATS)}, got {self.weights!r}")
+        if self.method not in ROUNDINGS:
+            raise RecipeError(f"quantize.method must be one of {', '.join(ROUNDINGS)}, got {self.method!r}")
+        if self.method != "rtn" and self.weights != "int8":
+            raise RecipeError(f"quantize.method: {self.method} only applies with quantize.weights: int8")
+        if not _is_real(self.damp) or not 0.0 < self.damp <= 1.0:
+            raise RecipeError(f"quantize.damp must be a number in (0, 1], got {self.damp!r}")
         if self.smoothquant is not None:
             value = self.smoothquant
             if not _is_real(value) or not 0.0 < value < 1.0:
@@ -174,7 +186,8 @@ class Recipe:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.prune.method == "wanda" or self.quantize.smoothquant is not None
+        quantize = self.quantize
+        return self.prune.method == "wanda" or quantize.smoothquant is not None or quantize.method == "gptq"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

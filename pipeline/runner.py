@@ -12,6 +12,7 @@ from .artifact import artifact_state_dict, save_config, storage_kind, write_arti
 from .errors import ArtifactError
 from .layerwise import prune_layerwise
 from .models import load_config, load_model, load_tokenizer, output_linear_name, resolve_model
+from .quantizing import quantize_weights
 from .recipe import Recipe, load_recipe
 from .smoothing import smooth_layerwise
 from .textdata import calibration_windows, load_documents
@@ -64,10 +65,17 @@ def compress(
         smoothing = smooth_layerwise(llm, windows, recipe.quantize.smoothquant, progress=progress, head=head)
         timings["smooth_s"] = time.perf_counter() - start
 
+    dtype = "int8" if recipe.quantize.weights == "int8" else "bfloat16"
+    quantized = {}
+    if dtype == "int8":
+        start = time.perf_counter()
+        names = [r["name"] for r in records] + ([head] if head else [])
+        quantized = quantize_weights(llm, names, recipe.quantize, windows, progress=progress)
+        timings["quantize_s"] = time.perf_counter() - start
+
     start = time.perf_counter()
     from ..kernels.ops import bitmap_pack
 
-    dtype = "int8" if recipe.quantize.weights == "int8" else "bfloat16"
     for record in records:
         record["kind"] = storage_kind(*record["shape"], record["nnz"], dtype)
         record["dtype"] = dtype
@@ -75,7 +83,7 @@ def compress(
     layouts = {r["name"]: (r["kind"], r["dtype"]) for r in records}
     if head:
         layouts[head] = ("dense", "int8")
-    tensors = artifact_state_dict(llm, layouts, bitmap_pack)
+    tensors = artifact_state_dict(llm, layouts, bitmap_pack, quantized)
     structure = recipe.prune.pattern if recipe.prune.nm else "unstructured"
     manifest = {
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

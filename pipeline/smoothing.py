@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import ModelError
-from .layerwise import _block_output, capture_block_inputs
+from .layerwise import block_output, capture_block_inputs
 from .models import decoder_layers
 from .quantize import smoothing_scales
 
@@ -74,7 +74,7 @@ def smooth_layerwise(
         stats = [InputAbsMax() for _ in folds]
         handles = [lin[0].register_forward_pre_hook(stat) for (_, _, lin), stat in zip(folds, stats, strict=True)]
         try:
-            outputs = [_block_output(block(h, **block_kwargs)) for h in hidden]
+            outputs = [block_output(block(h, **block_kwargs)) for h in hidden]
         finally:
             for handle in handles:
                 handle.remove()

@@ -2,10 +2,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from sparamx.pipeline.layerwise import _input_groups, capture_block_inputs, prune_layerwise
+from sparamx.pipeline.layerwise import block_output, capture_block_inputs, input_groups, prune_layerwise
 from sparamx.pipeline.models import linear_modules
 from sparamx.pipeline.pruning import prune_mask, wanda_scores
-from sparamx.pipeline.recipe import PruneConfig
+from sparamx.pipeline.quantize import dequantize, quantize_per_channel
+from sparamx.pipeline.quantizing import quantize_weights
+from sparamx.pipeline.recipe import PruneConfig, QuantizeConfig
 
 
 @pytest.fixture
@@ -22,7 +24,7 @@ def windows():
 def test_linears_are_grouped_by_shared_input_in_execution_order(tiny, windows):
     hidden, kwargs = capture_block_inputs(tiny, windows[:1])
     block = tiny.model.layers[0]
-    groups = _input_groups(block, linear_modules(block, "L"), hidden[0], kwargs)
+    groups = input_groups(block, linear_modules(block, "L"), hidden[0], kwargs)
     assert groups == [
         ["L.self_attn.q_proj", "L.self_attn.k_proj", "L.self_attn.v_proj"],
         ["L.self_attn.o_proj"],
@@ -104,3 +106,35 @@ def test_adaptive_mask_chooses_by_blocks_of_128_columns(tiny_model_dir, windows)
     for name, module in linear_modules(models[True].model.layers[1], "l1").items():
         weight = module.weight
         assert ((weight == 0).sum(dim=1) == weight.shape[1] // 2).all(), name
+
+
+@pytest.mark.parametrize("head", [False, True])
+def test_quantize_stage_leaves_the_model_and_gptq_beats_rounding_on_the_block_outputs(tiny, windows, head):
+    """quantize_weights(rtn) is quantize_per_channel of each weight; gptq returns every linear asked for (lm_head
+    included, its tied embeddings untouched), on the same scales, leaves the float model as it was, and moves the
+    first block's output on the calibration windows less than rounding to nearest does."""
+    names = [name for name, _ in tiny.named_modules() if name.startswith("model.layers.") and name.endswith("_proj")]
+    names += ["lm_head"] if head else []
+    before = {k: v.clone() for k, v in tiny.state_dict().items()}
+    rtn = quantize_weights(tiny, names, QuantizeConfig(weights="int8"), windows, progress=False)
+    gptq = quantize_weights(tiny, names, QuantizeConfig(weights="int8", method="gptq"), windows, progress=False)
+    assert sorted(gptq) == sorted(rtn) == sorted(names)
+    assert all(torch.equal(v, tiny.state_dict()[k]) for k, v in before.items())
+    assert tiny.lm_head.weight is tiny.model.embed_tokens.weight
+    for name in names:
+        expected = quantize_per_channel(tiny.get_submodule(name).weight)
+        assert torch.equal(rtn[name][0], expected[0]) and torch.equal(rtn[name][1], expected[1])
+        assert torch.equal(gptq[name][1], expected[1])
+    hidden, kwargs = capture_block_inputs(tiny, windows)
+    block = tiny.model.layers[0]
+    with torch.no_grad():
+        reference = [block_output(block(h, **kwargs)) for h in hidden]
+    errors = {}
+    for method, quantized in (("rtn", rtn), ("gptq", gptq)):
+        with torch.no_grad():
+            for name, linear in linear_modules(block, "model.layers.0").items():
+                linear.weight.copy_(dequantize(*quantized[name]))
+            out = [block_output(block(h, **kwargs)) for h in hidden]
+        errors[method] = sum((o - r).square().sum() for o, r in zip(out, reference, strict=True))
+        tiny.load_state_dict(before)
+    assert errors["gptq"] < errors["rtn"]

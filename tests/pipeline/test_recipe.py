@@ -60,6 +60,9 @@ def test_two_of_four_implies_half_sparsity():
         ("quantize:\n  weights: int8\n  smooth: 0.5\n", "unknown key 'quantize.smooth'"),
         ("quantize:\n  weights: int8\n  lm_head: int8\n", "quantize.lm_head must be true or false"),
         ("quantize:\n  lm_head: true\n", "quantize.lm_head only applies with quantize.weights: int8"),
+        ("quantize:\n  weights: int8\n  method: awq\n", "quantize.method must be one of rtn, gptq"),
+        ("quantize:\n  method: gptq\n", "quantize.method: gptq only applies with quantize.weights: int8"),
+        ("quantize:\n  weights: int8\n  method: gptq\n  damp: 0\n", "quantize.damp must be a number in \\(0, 1\\]"),
         ("prune:\n  method: magnitude\n  refit: true\n", "prune.refit needs calibration inputs"),
         ("prune:\n  refit: yes please\n", "prune.refit must be true or false"),
         ("prune:\n  refit: true\n  refit_damp: 0\n", "prune.refit_damp must be a number in \\(0, 1\\]"),
@@ -93,3 +96,7 @@ def test_smoothquant_needs_calibration():
     assert not recipe.needs_calibration
     recipe.quantize.smoothquant = 0.5
     assert recipe.needs_calibration
+    gptq = Recipe.from_dict(
+        {"name": "x", "prune": {"method": "magnitude"}, "quantize": {"weights": "int8", "method": "gptq"}}
+    )
+    assert gptq.needs_calibration
