@@ -27,7 +27,7 @@ RUNTIMES = {  # name -> recipe of the artifact it loads (None: stock transformer
     "stock bf16": None,
     "sparamx dense bf16": "dense",
     "sparamx 50% bf16": "magnitude-50",
-    "sparamx 50% int8": "magnitude-50-int8",  # lm_head int8 too (quantize.lm_head), as in recipes/wanda-50-int8.yaml
+    "sparamx 50% int8": "magnitude-50-int8",  # lm_head int8 too (quantize.lm_head); the next row keeps it bf16
     "sparamx 50% int8, bf16 lm_head": "magnitude-50-int8-bf16-head",
     "sparamx int8": "int8-unsmoothed",  # lm_head bf16, as in recipes/int8.yaml
 }
