@@ -30,13 +30,18 @@ def quantize_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
     # Row blocks bound the fp32 temporaries (a Llama-3 lm_head in fp32 would be 2 GiB); rows are independent.
     for start in range(0, weight.shape[0], _ROWS_PER_BLOCK):
         w = weight[start : start + _ROWS_PER_BLOCK].float()
-        if not bool(torch.isfinite(w).all()):
-            raise ValueError("the weight holds inf or nan; it cannot be quantized")
-        s = w.abs().amax(dim=1) / 127.0
-        s = torch.where(s > 0, s, torch.ones_like(s))
+        s = _channel_scales(w)
         q[start : start + len(w)] = torch.round(w / s[:, None]).clamp_(-127, 127).to(torch.int8)
         scale[start : start + len(w)] = s
     return q, scale
+
+
+def _channel_scales(w: Tensor) -> Tensor:
+    """absmax / 127 per row of fp32 `w`; 1 for a row of zeros."""
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError("the weight holds inf or nan; it cannot be quantized")
+    s = w.abs().amax(dim=1) / 127.0
+    return torch.where(s > 0, s, torch.ones_like(s))
 
 
 def gptq_per_channel(weight: Tensor, gram: Tensor, damp: float = 0.01, block: int = 128) -> tuple[Tensor, Tensor]:
@@ -46,10 +51,7 @@ def gptq_per_channel(weight: Tensor, gram: Tensor, damp: float = 0.01, block: in
     if weight.dim() != 2:
         raise ValueError(f"expected a 2-D weight [out, in], got shape {tuple(weight.shape)}")
     w = weight.float()
-    if not bool(torch.isfinite(w).all()):
-        raise ValueError("the weight holds inf or nan; it cannot be quantized")
-    scale = w.abs().amax(dim=1) / 127.0
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale = _channel_scales(w)
     keep = w != 0
 
     def on_grid(column: Tensor, i: int) -> Tensor:

@@ -48,10 +48,11 @@ def quantize_weights(
         for name, weight in floats.items():
             linears[name].weight.copy_(weight)
     for name in sorted(wanted - set(out)):  # the output linear: its input is the final norm's output
-        linear, stats = model.get_submodule(name), InputStats(model.get_submodule(name).in_features, gram=True)
+        linear = model.get_submodule(name)
+        stats = InputStats(linear.in_features, gram=True)
         for h in hidden:
             stats(linear, (model.model.norm(h),), None)
-        out[name] = gptq_per_channel(_weight(model, name), stats.gram, config.damp)
+        out[name] = gptq_per_channel(linear.weight.detach(), stats.gram, config.damp)
     return out
 
 
