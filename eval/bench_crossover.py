@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import ops
-from .bench_kernels import cpu_line, int8_rows
+from .bench_kernels import int8_rows
 
 FORMATS = ("bitmap bf16", "bitmap int8", "dense bf16", "dense int8")
 
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     rows = [row for t in args.threads for row in measure(t, shapes, args.ms, args.repeats, isas)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cpu = cpu_line()
+    cpu = ops.cpu_model()
     (out / "crossover.json").write_text(json.dumps({"cpu": cpu, "torch": torch.__version__, "rows": rows}, indent=1))
     (out / "crossover.md").write_text(markdown(rows, cpu))
     print(markdown(rows, cpu))

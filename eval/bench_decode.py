@@ -353,19 +353,22 @@ def main(argv=None, prog=None) -> int:
                 print(json.dumps(rows[-1]), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from .bench_kernels import cpu_line
+
+    from ..kernels import ops
 
     peers = [r for r in args.runtimes if r in bench_llamacpp.PEERS]
     meta = {
         "peer": bench_llamacpp.describe() if peers else "llama.cpp peer not run (make install-bench, then make bench)",
-        "cpu": cpu_line(),
+        "cpu": ops.cpu_model(),
+        "kernel_path": ops.describe_isa(),
         "threads": args.threads,
         "layers_of_8b_shaped": args.layers,
         "new_tokens": args.new_tokens,
     }
     (out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     header = (
-        f"CPU: {meta['cpu']}; {args.threads} threads, each configuration in a fresh process; "
+        f"CPU: {meta['cpu']}; kernel path {meta['kernel_path']}; {args.threads} threads, "
+        "each configuration in a fresh process; "
         f"Llama-3-8B-shaped model with {args.layers} layers; {args.new_tokens} new tokens per run. {meta['peer']}\n\n"
     )
     (out / "bench.md").write_text(header + markdown(rows))

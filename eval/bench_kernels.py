@@ -10,9 +10,7 @@ rotating set). Writes JSON, a markdown table and a PNG plot.
 
 import argparse
 import json
-import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -185,14 +183,6 @@ def plot(rows, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def cpu_line() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor()
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="eval/results", help="folder for kernels.json / kernels.md / kernels.png")
@@ -213,7 +203,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {
-        "cpu": cpu_line(),
+        "cpu": ops.cpu_model(),
         "threads": torch.get_num_threads(),
         "isa": ops.describe_isa(),
         "torch": torch.__version__,

@@ -26,7 +26,7 @@ def load(path: str | Path, dtype: torch.dtype = torch.bfloat16, verify: bool = T
     ones and lm_head as DenseLinear; int8 ones on the int8 kernels. Embeddings stay a torch module.
     kernels=False: packed linears are unpacked (and int8 ones dequantized) into dense nn.Linear weights, the reference
     the kernels are tested against, and the plain PyTorch path.
-    kernels=None (default): True where the CPU runs our AVX-512 / AMX kernels or SPARAMX_ISA forces a path, else
+    kernels=None (default): True where the CPU runs our AVX2 / AVX-512 / AMX kernels or SPARAMX_ISA forces a path, else
     False with a warning (`ops.kernels_preferred`). `model.sparamx_runtime` says which.
     `verify` checks each file's sha256 first.
     """
@@ -38,9 +38,9 @@ def load(path: str | Path, dtype: torch.dtype = torch.bfloat16, verify: bool = T
     if kernels is None:
         kernels = ops.kernels_preferred()
         if not kernels:
-            missing = ops.missing_features("avx512")
+            missing = ops.missing_features("avx2")
             warnings.warn(
-                f"sparamx.load: this CPU cannot run our avx512 kernels{f' (it lacks {missing})' if missing else ''}; "
+                f"sparamx.load: this CPU cannot run our kernels{f' (it lacks {missing})' if missing else ''}; "
                 f"{path} runs on torch with its packed linears unpacked to dense weights (stock speed and memory). "
                 "SPARAMX_ISA=reference forces the C++ reference kernels instead.",
                 stacklevel=3,

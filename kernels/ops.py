@@ -2,6 +2,8 @@
 
 import functools
 import os
+import platform
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -61,62 +63,73 @@ def dense_linear(
 
 
 ROWS_PER_BLOCK = 4  # kRows of csrc/packed_format.h
-AMX_MIN_ROWS = 8  # kAmxRows of csrc/linear.cpp: from how many rows of x isa=auto runs AMX tiles (where present)
-
-FEATURES = (
-    "avx512f",
-    "avx512bw",
-    "avx512vl",
-    "avx512_vbmi2",
-    "avx512_vnni",
-    "avx512_bf16",
-    "amx_tile",
-    "amx_bf16",
-    "amx_int8",
-)
-# Must match has_avx512_kernels() / has_amx_kernels() in csrc/cpu_features.cpp.
-AVX512_KERNEL_FEATURES = {"avx512f", "avx512bw", "avx512vl", "avx512_vbmi2", "avx512_vnni", "avx512_bf16"}
-AMX_KERNEL_FEATURES = AVX512_KERNEL_FEATURES | {"amx_tile", "amx_bf16", "amx_int8"}
-ISAS = ("reference", "avx512", "amx")
-_NEEDS = {"reference": set(), "avx512": AVX512_KERNEL_FEATURES, "amx": AMX_KERNEL_FEATURES}
 
 
 @functools.cache
-def cpu_features() -> frozenset[str]:
-    """What the CPU and OS allow, detected once per process (cpuid, xgetbv, arch_prctl for AMX tile data)."""
-    bits = torch.ops.sparamx.cpu_features.default()
-    return frozenset(name for i, name in enumerate(FEATURES) if bits >> i & 1)
+def cpu_model() -> str:
+    """The CPU's model line, as lscpu prints it ("Model name")."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+@functools.cache
+def cpu_features() -> tuple[str, ...]:
+    """What the CPU and OS allow of what our kernels use, detected once per process (cpuid, xgetbv, arch_prctl for
+    AMX tile data)."""
+    return tuple(torch.ops.sparamx.cpu_features.default())
+
+
+@functools.cache
+def kernel_paths() -> tuple[str, ...]:
+    """Every kernel path the library has, worst to best: reference, avx2, avx512, amx."""
+    return tuple(torch.ops.sparamx.kernel_paths.default())
+
+
+@functools.cache
+def amx_min_rows() -> int:
+    """From how many rows of x isa=auto runs the AMX tiles, where the CPU has them."""
+    return torch.ops.sparamx.amx_min_rows.default()
+
+
+def path_needs(path: str) -> frozenset[str]:
+    """The CPU features kernel path `path` needs."""
+    return frozenset(torch.ops.sparamx.kernel_path_needs.default(path))
 
 
 def available_isas() -> tuple[str, ...]:
     """The kernel paths this CPU can run, worst to best."""
-    return tuple(name for name in ISAS if _NEEDS[name] <= cpu_features())
+    return tuple(name for name in kernel_paths() if path_needs(name) <= set(cpu_features()))
 
 
 def missing_features(path: str) -> str:
     """The CPU features kernel path `path` needs and this process lacks, comma-separated ("" when none)."""
-    return ", ".join(sorted(_NEEDS[path] - cpu_features()))
+    return ", ".join(sorted(path_needs(path) - set(cpu_features())))
 
 
 def isa() -> str:
-    """What the ops are asked for: $SPARAMX_ISA when set (reference | avx512 | amx: that path at every M), else
-    "auto" (AMX tiles from AMX_MIN_ROWS rows of x where the CPU has AMX, the AVX-512 kernels below, else reference).
+    """What the ops are asked for: $SPARAMX_ISA when set (reference | avx2 | avx512 | amx: that path at every M), else
+    "auto" (AMX tiles from amx_min_rows() rows of x where the CPU has AMX, else the best of AVX-512, AVX2, reference).
     """
     forced = os.environ.get("SPARAMX_ISA", "").strip().lower()
     if not forced or forced == "auto":
         return "auto"
-    if forced not in ISAS:
-        raise ValueError(f"SPARAMX_ISA={forced!r}: expected one of auto, {', '.join(ISAS)}")
+    if forced not in kernel_paths():
+        raise ValueError(f"SPARAMX_ISA={forced!r}: expected one of auto, {', '.join(kernel_paths())}")
     if forced not in available_isas():
         raise RuntimeError(f"SPARAMX_ISA={forced} but this CPU lacks {missing_features(forced)}")
     return forced
 
 
 def kernels_preferred() -> bool:
-    """Whether sparamx.load should put packed linears on our kernels by default: where the CPU runs the AVX-512 (or
-    AMX) kernels, or SPARAMX_ISA forces a path. Elsewhere the C++ reference path would rebuild every dense weight on
-    every call, slower than torch on the unpacked weights."""
-    return isa() != "auto" or "avx512" in available_isas()
+    """Whether sparamx.load should put packed linears on our kernels by default: where the CPU runs a SIMD path
+    (AVX2 or better), or SPARAMX_ISA forces a path. Elsewhere the C++ reference path would rebuild every dense weight
+    on every call, slower than torch on the unpacked weights."""
+    return isa() != "auto" or available_isas()[-1] != "reference"
 
 
 def describe_isa() -> str:
@@ -125,8 +138,8 @@ def describe_isa() -> str:
     if chosen != "auto":
         return f"{chosen} (forced by SPARAMX_ISA)"
     best = available_isas()
-    if "amx" in best:
-        return f"amx from {AMX_MIN_ROWS} rows of x, avx512 below"
+    if best[-1] == "amx":
+        return f"amx from {amx_min_rows()} rows of x, {best[-2]} below"
     return best[-1]
 
 

@@ -124,7 +124,11 @@ def cmd_info(args) -> int:
 
     features = ops.cpu_features()
     print(f"sparamx {__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print("cpu features: " + (", ".join(f for f in ops.FEATURES if f in features) or "none of interest"))
+    print(f"cpu: {ops.cpu_model()}; torch's kernels: {torch.backends.cpu.get_cpu_capability()}")
+    print("cpu features: " + (", ".join(features) or "none of interest"))
+    for path in ops.kernel_paths():
+        missing = ops.missing_features(path)
+        print(f"  {path:<9} {'available' if not missing else 'needs ' + missing}")
     print(f"kernel paths available: {', '.join(ops.available_isas())}; chosen: {ops.describe_isa()}")
     runs_on = "our kernels" if ops.kernels_preferred() else "torch, unpacked (SPARAMX_ISA=reference runs ours)"
     print(f"sparamx.load runs packed linears on {runs_on}")

@@ -1,17 +1,13 @@
-// y = x @ W^T (+ bias) for prepacked weights (packed_format.h): bitmap or dense, bf16 or int8.
-//
-// AVX-512 path, any M: per block of kRows output rows and per chunk of columns, one 512-bit register of weights per
-// row -- expand-loaded (vpexpandw / vpexpandb) from the row's next popcount(mask) values for the bitmap format, a
-// plain load for dense -- then for each of up to 4 activation rows one load and kRows dot products (vdpbf16ps into
-// fp32 lanes, or vpdpbusd of uint8 activations with int8 weights into int32 lanes). Activation rows are taken 64 at a
-// time (they stay in L2) and, within one block, 4 at a time (the block's weights stay in L1), so weights stream from
-// memory once per 64 rows of x.
+// y = x @ W^T (+ bias) for prepacked weights (packed_format.h): bitmap or dense, bf16 or int8. This file checks the
+// arguments, quantizes x for int8 weights, picks the kernel path, lays x out for it and splits the work over threads;
+// the paths themselves are in linear_avx512.cpp, linear_avx2.cpp and linear_amx.cpp.
 // int8: weights per output channel symmetric (w = scale * q); activations quantized per row on the fly, asymmetric
-// to uint8 (x = sx * (q - z), zero exact), so y = sx * sw * (sum q_x q_w - z * sum q_w).
-// AMX path (linear_amx.cpp), from kAmxRows activation rows on where the CPU has it, or at any M when forced: tiles.
-// From kGemmRows activation rows on (prefill) without AMX, bf16 weights are unpacked slab by slab and multiplied by
-// torch's fp32 GEMM instead. Reference path: the dense weight rebuilt and multiplied in fp32 (bf16) or exactly in fp64 (int8):
-// the same numbers up to summation order.
+// to uint8 (x = sx * (q - z), zero exact), so y = sx * sw * (sum q_x q_w - z * sum q_w): every path computes the
+// integer dot products exactly, so all give the same numbers.
+// isa=auto: AMX tiles from kAmxRows activation rows on where the CPU has them, else AVX-512, else AVX2, else the
+// reference path; a forced isa runs that path at every M. From kGemmRows activation rows on (prefill), outside AMX,
+// bf16 weights are unpacked slab by slab and multiplied by torch's fp32 GEMM instead. Reference path: the dense
+// weight rebuilt and multiplied in fp32 (bf16) or exactly in fp64 (int8): the same numbers up to summation order.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -19,8 +15,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
-#include <immintrin.h>
-#include <type_traits>
+#include <string>
 #include <vector>
 
 #include "cpu_features.h"
@@ -34,10 +29,6 @@ at::Tensor prepacked_to_dense(const at::Tensor& values, const at::Tensor& masks,
 
 namespace {
 
-// Software prefetch distance into the weight stream, in bytes. Measured on 2 cores streaming from DRAM: without it
-// the bitmap kernels reached ~62% of the read bandwidth, at 2 KiB ~80%, at 4 KiB ~85-90% (eval/results/kernels.md).
-constexpr int64_t kPrefetchBytes = 4096;
-constexpr int64_t kTileRows = 64;  // activation rows per pass over the weights
 // From this many activation rows on (prefill), bf16 weights are unpacked slab by slab and multiplied by torch's
 // fp32 GEMM (the same numbers: bf16 products are exact in fp32): the expand-load kernel has no register blocking over
 // M. Measured side by side (Llama-3-8B shapes, 50%): at M = 16 the kernel runs 1.4-1.7x torch bf16 where fp32 GEMM
@@ -49,146 +40,14 @@ constexpr int64_t kGemmRows = 64;
 // 0.94-1.5x for int8 (5 of 6 cases won); from M = 16 on the tiles won every case.
 constexpr int64_t kAmxRows = 8;
 
-// ---- ISA-specific code: only here, after every include, so no inline function of a header is compiled for
-// AVX-512 and then picked by the linker for a machine without it.
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vbmi2,avx512vnni,avx512bf16")
+using BlocksFn = bool (*)(const Problem&, int64_t, int64_t);
+using UnpackFn = bool (*)(const Problem&, int64_t, float*);
 
-// Rows [b*kRows, b*kRows + kRows) of y for activation rows [m0, m0 + MB). A bitmap block whose masks ask for more
-// values than the block holds, or fewer, returns false before reading past it.
-template <bool Int8, bool Sparse, int MB>
-bool block_avx512(const Problem& p, int64_t b, int64_t m0) {
-  using Acc = std::conditional_t<Int8, __m512i, __m512>;
-  constexpr int64_t C = Int8 ? 64 : 32, E = Int8 ? 1 : 2, MaskBytes = C / 8;
-  Acc acc[MB][kRows];
-  for (int i = 0; i < MB; ++i)
-    for (int r = 0; r < kRows; ++r) {
-      if constexpr (Int8) acc[i][r] = _mm512_setzero_si512();
-      else acc[i][r] = _mm512_setzero_ps();
-    }
-  const uint8_t* v;
-  const uint8_t* end = nullptr;
-  const uint8_t* mk = nullptr;
-  if constexpr (Sparse) {
-    v = p.values + p.block_offsets[b] * E;
-    end = p.values + p.block_offsets[b + 1] * E;
-    mk = p.masks + b * p.KC * kRows * MaskBytes;
-  } else {
-    v = p.values + b * p.KC * kRows * C * E;
-  }
-  const uint8_t* x = p.x + m0 * p.Kp * (Int8 ? 1 : 4);
-  for (int64_t c = 0; c < p.KC; ++c) {
-    __m512i w[kRows];
-    if constexpr (Sparse) {
-      uint64_t bits[kRows];
-      int64_t count[kRows], total = 0;
-      for (int r = 0; r < kRows; ++r) {
-        // Whole-width loads: a 4-byte copy into a zeroed 8-byte word costs a store-forwarding stall per mask.
-        if constexpr (Int8) {
-          std::memcpy(&bits[r], mk + r * MaskBytes, 8);
-        } else {
-          uint32_t b32;
-          std::memcpy(&b32, mk + r * MaskBytes, 4);
-          bits[r] = b32;
-        }
-        count[r] = __builtin_popcountll(bits[r]);
-        total += count[r];
-      }
-      mk += kRows * MaskBytes;
-      if (v + total * E > end) return false;
-      _mm_prefetch(reinterpret_cast<const char*>(v) + kPrefetchBytes, _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(v) + kPrefetchBytes + 64, _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(mk) + kPrefetchBytes / 4, _MM_HINT_T0);
-      for (int r = 0; r < kRows; ++r) {
-        // A full load then a register expand: values end with a register of slack (packed_format.h).
-        const __m512i raw = _mm512_loadu_si512(v);
-        if constexpr (Int8) w[r] = _mm512_maskz_expand_epi8(bits[r], raw);
-        else w[r] = _mm512_maskz_expand_epi16(static_cast<__mmask32>(bits[r]), raw);
-        v += count[r] * E;
-      }
-    } else {
-      for (int r = 0; r < kRows; ++r) {
-        _mm_prefetch(reinterpret_cast<const char*>(v) + kPrefetchBytes + r * 64, _MM_HINT_T0);
-        w[r] = _mm512_loadu_si512(v + r * C * E);
-      }
-      v += kRows * C * E;
-    }
-    if constexpr (Int8) {
-      for (int i = 0; i < MB; ++i) {
-        const __m512i xv = _mm512_loadu_si512(x + i * p.Kp + c * C);
-        for (int r = 0; r < kRows; ++r) acc[i][r] = _mm512_dpbusd_epi32(acc[i][r], xv, w[r]);
-      }
-    } else {
-      // bf16 -> fp32 without a shuffle: a dword's low half shifted up is its even element, the high half masked is
-      // its odd one. x comes split the same way, so two FMAs take the 32 products (vdpbf16ps has a quarter of
-      // vfmadd231ps's throughput on the cores measured).
-      __m512 even[kRows], odd[kRows];
-      for (int r = 0; r < kRows; ++r) {
-        even[r] = _mm512_castsi512_ps(_mm512_slli_epi32(w[r], 16));
-        odd[r] = _mm512_castsi512_ps(_mm512_and_si512(w[r], _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
-      }
-      for (int i = 0; i < MB; ++i) {
-        const float* xf = reinterpret_cast<const float*>(x) + i * p.Kp + c * C;
-        const __m512 xe = _mm512_loadu_ps(xf), xo = _mm512_loadu_ps(xf + 16);
-        for (int r = 0; r < kRows; ++r) acc[i][r] = _mm512_fmadd_ps(odd[r], xo, _mm512_fmadd_ps(even[r], xe, acc[i][r]));
-      }
-    }
-  }
-  if (Sparse && v != end) return false;
-  const int64_t rows = std::min(kRows, p.N - b * kRows);
-  for (int i = 0; i < MB; ++i) {
-    float* y = p.y + (m0 + i) * p.N + b * kRows;
-    for (int r = 0; r < rows; ++r) {
-      const int64_t n = b * kRows + r;
-      float out;
-      if constexpr (Int8) {
-        const int32_t dot = _mm512_reduce_add_epi32(acc[i][r]) - p.x_zero[m0 + i] * p.row_sums[n];
-        out = p.x_scale[m0 + i] * p.weight_scale[n] * static_cast<float>(dot);
-      } else {
-        out = _mm512_reduce_add_ps(acc[i][r]);
-      }
-      y[r] = p.bias ? out + p.bias[n] : out;
-    }
-  }
-  return true;
-}
-
-// bf16 block b as fp32 rows [b*kRows, b*kRows + kRows) of `out` (row stride Kp floats), for the prefill GEMM.
-template <bool Sparse>
-bool unpack_block_avx512(const Problem& p, int64_t b, float* out) {
-  const uint8_t* v = Sparse ? p.values + p.block_offsets[b] * 2 : p.values + b * p.KC * kRows * 64;
-  const uint8_t* end = Sparse ? p.values + p.block_offsets[b + 1] * 2 : nullptr;
-  const uint8_t* mk = Sparse ? p.masks + b * p.KC * kRows * 4 : nullptr;
-  for (int64_t c = 0; c < p.KC; ++c) {
-    for (int r = 0; r < kRows; ++r) {
-      __m512i w;
-      if constexpr (Sparse) {
-        uint32_t bits;
-        std::memcpy(&bits, mk + r * 4, 4);
-        const int64_t count = __builtin_popcount(bits);
-        if (v + count * 2 > end) return false;
-        w = _mm512_maskz_expand_epi16(bits, _mm512_loadu_si512(v));  // values end with a register of slack
-        v += count * 2;
-      } else {
-        w = _mm512_loadu_si512(v);
-        v += 64;
-      }
-      float* dst = out + (b * kRows + r) * p.Kp + c * 32;
-      _mm512_storeu_ps(dst, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(w)), 16)));
-      _mm512_storeu_ps(dst + 16,
-                       _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(w, 1)), 16)));
-    }
-    if constexpr (Sparse) mk += kRows * 4;
-  }
-  return !Sparse || v == end;
-}
-
-#pragma GCC pop_options
-// ---- end of ISA-specific code
+constexpr const char* kDisagree = ": the masks' popcounts disagree with block_offsets / values";
 
 // Prefill with bf16 weights: y^T = W x^T slab by slab, each slab of output rows unpacked to fp32 into a buffer that
 // stays in L2 and multiplied by torch's fp32 GEMM, so the dense weight never exists whole.
-at::Tensor gemm_avx512(const Problem& p, int64_t NB, const at::Tensor& xf) {
+at::Tensor unpack_gemm(const char* op, const Problem& p, int64_t NB, const at::Tensor& xf, UnpackFn unpack) {
   constexpr int64_t kSlabBlocks = 64;  // 256 rows: 4 MiB of fp32 at K = 4096
   at::Tensor yt = at::empty({NB * kRows, p.M}, xf.options());
   at::Tensor slab = at::empty({kSlabBlocks * kRows, p.Kp}, xf.options());
@@ -198,11 +57,10 @@ at::Tensor gemm_avx512(const Problem& p, int64_t NB, const at::Tensor& xf) {
     std::atomic<bool> ok{true};
     at::parallel_for(s0, s1, 4, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
-        float* rows = buf - s0 * kRows * p.Kp;  // block b lands at row (b - s0) * kRows of the slab
-        if (!(p.masks ? unpack_block_avx512<true>(p, b, rows) : unpack_block_avx512<false>(p, b, rows))) ok = false;
+        if (!unpack(p, b, buf - s0 * kRows * p.Kp)) ok = false;  // block b lands at row (b - s0) * kRows of the slab
       }
     });
-    TORCH_CHECK(ok.load(), "bitmap_linear: the masks' popcounts disagree with block_offsets / values");
+    TORCH_CHECK(ok.load(), op, kDisagree);
     const int64_t rows = (s1 - s0) * kRows;
     at::Tensor out = yt.narrow(0, s0 * kRows, rows);  // contiguous: whole rows of y^T
     at::mm_out(out, slab.narrow(0, 0, rows), xf.t());
@@ -212,40 +70,17 @@ at::Tensor gemm_avx512(const Problem& p, int64_t NB, const at::Tensor& xf) {
   return y.contiguous();
 }
 
-template <bool Int8, bool Sparse>
-bool blocks_avx512(const Problem& p, int64_t b0, int64_t b1) {
-  bool ok = true;
-  for (int64_t t = 0; t < p.M; t += kTileRows) {
-    const int64_t t1 = std::min(p.M, t + kTileRows);
-    for (int64_t b = b0; b < b1 && ok; ++b) {
-      int64_t m = t;
-      for (; m + 4 <= t1; m += 4) ok &= block_avx512<Int8, Sparse, 4>(p, b, m);
-      switch (t1 - m) {
-        case 3: ok &= block_avx512<Int8, Sparse, 3>(p, b, m); break;
-        case 2: ok &= block_avx512<Int8, Sparse, 2>(p, b, m); break;
-        case 1: ok &= block_avx512<Int8, Sparse, 1>(p, b, m); break;
-        default: break;
-      }
-    }
-  }
-  return ok;
-}
-
-void run_avx512(const Problem& p, bool int8, int64_t NB) {
-  const bool sparse = p.masks != nullptr;
+// The blocks split over the threads by nonzeros; each output is computed by one thread in a fixed order.
+void run_blocks(const char* op, const Problem& p, int64_t NB, BlocksFn run) {
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), NB));
   const std::vector<int64_t> bounds = split_blocks(p.block_offsets, NB, parts);
   std::atomic<bool> ok{true};
   at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t b0 = bounds[t], b1 = bounds[t + 1];
-      bool done;
-      if (int8) done = sparse ? blocks_avx512<true, true>(p, b0, b1) : blocks_avx512<true, false>(p, b0, b1);
-      else done = sparse ? blocks_avx512<false, true>(p, b0, b1) : blocks_avx512<false, false>(p, b0, b1);
-      if (!done) ok = false;
+      if (!run(p, bounds[t], bounds[t + 1])) ok = false;
     }
   });
-  TORCH_CHECK(ok.load(), "bitmap_linear: the masks' popcounts disagree with block_offsets / values");
+  TORCH_CHECK(ok.load(), op, kDisagree);
 }
 
 // Per-row asymmetric uint8 quantization of x [M, K] into a zero-padded [M, Kp] buffer; writes scale and zero point.
@@ -336,6 +171,70 @@ void check_weights(const Weights& w, const std::optional<at::Tensor>& weight_sca
   }
 }
 
+// The path isa asks for at M rows of x: a forced one must be there; auto takes the best the CPU has.
+KernelPath choose_path(const char* op, c10::string_view isa, int64_t M) {
+  const std::string name(isa);
+  if (name == "auto") {
+    if (M >= kAmxRows && has_path(KernelPath::kAmx)) return KernelPath::kAmx;
+    for (KernelPath path : {KernelPath::kAvx512, KernelPath::kAvx2}) {
+      if (has_path(path)) return path;
+    }
+    return KernelPath::kReference;
+  }
+  KernelPath path;
+  TORCH_CHECK(parse_path(name, path), op, ": isa must be auto, reference, avx2, avx512 or amx, got ", name);
+  TORCH_CHECK(has_path(path), op, ": isa=", name, " forced but this CPU (or the OS) lacks what it needs (",
+              c10::Join(", ", kernel_path_needs(name)), ")");
+  return path;
+}
+
+// Each bitmap block's masks must hold as many set bits as block_offsets gives it values: the reference path reads
+// values by the masks (the kernels check as they go).
+void check_masks_agree(const Weights& w, int64_t NB, int64_t KC, int64_t C) {
+  const uint8_t* mp = w.masks.const_data_ptr<uint8_t>();
+  const int64_t* bo = w.block_offsets.const_data_ptr<int64_t>();
+  const int64_t words = KC * kRows * C / 64;  // a block's masks are a whole number of 64-bit words
+  for (int64_t b = 0; b < NB; ++b) {
+    int64_t set = 0;
+    for (int64_t i = 0; i < words; ++i) {
+      uint64_t word;
+      std::memcpy(&word, mp + (b * words + i) * 8, 8);
+      set += __builtin_popcountll(word);
+    }
+    TORCH_CHECK(set == bo[b + 1] - bo[b], w.op, kDisagree);
+  }
+}
+
+// The dense weight rebuilt, then exact integer dot products in fp64 and the kernels' fp32 epilogue (int8), or an fp32
+// matmul of the bf16-rounded operands (bf16).
+at::Tensor reference_linear(const at::Tensor& x2d, const Weights& w, const Problem& p, const at::Tensor& xq) {
+  const at::Tensor dense = prepacked_to_dense(w.values, w.masks, w.block_offsets, w.N, w.K);
+  if (!p.row_sums) return at::matmul(x2d.to(at::kBFloat16).to(at::kFloat), dense.to(at::kFloat).t());
+  const at::TensorOptions f32 = x2d.options().dtype(at::kFloat);
+  const at::Tensor x_scale = at::from_blob(const_cast<float*>(p.x_scale), {p.M}, f32);
+  const at::Tensor x_zero = at::from_blob(const_cast<int32_t*>(p.x_zero), {p.M}, f32.dtype(at::kInt));
+  const at::Tensor w_scale = at::from_blob(const_cast<float*>(p.weight_scale), {p.N}, f32);
+  const at::Tensor wd = dense.to(at::kDouble);
+  const at::Tensor dots = at::matmul(xq.narrow(1, 0, w.K).to(at::kDouble), wd.t()) -
+                          x_zero.to(at::kDouble).unsqueeze(1) * wd.sum(1).unsqueeze(0);
+  return (x_scale.unsqueeze(1) * w_scale.unsqueeze(0)) * dots.to(at::kFloat);
+}
+
+// x [M, K] in the layout `path` reads (linear_kernels.h), zero-padded to Kp columns; xq is x quantized (int8 weights).
+at::Tensor lay_out_x(KernelPath path, const at::Tensor& x2d, const at::Tensor& xq, int64_t Kp, int64_t C) {
+  const int64_t M = x2d.size(0), K = x2d.size(1);
+  if (path == KernelPath::kAmx) {  // B tiles [M/16][KC][16 column pairs or quads][16 rows], rows padded with zeros
+    const int64_t Mp = ceil_div(M, kAmxTileRows) * kAmxTileRows, E = xq.defined() ? 4 : 2;
+    const at::Tensor xs = xq.defined() ? at::constant_pad_nd(xq, {0, 0, 0, Mp - M}, 0)
+                                       : at::constant_pad_nd(x2d.to(at::kBFloat16), {0, Kp - K, 0, Mp - M}, 0);
+    return xs.view({Mp / kAmxTileRows, kAmxTileRows, Kp / C, 16, E}).permute({0, 2, 3, 1, 4}).contiguous();
+  }
+  if (xq.defined()) return path == KernelPath::kAvx2 ? xq.to(at::kShort) : xq;
+  const at::Tensor xf = at::constant_pad_nd(x2d.to(at::kBFloat16).to(at::kFloat), {0, Kp - K}, 0);
+  if (path == KernelPath::kAvx2) return xf.contiguous();
+  return xf.view({M, Kp / C, C / 2, 2}).transpose(2, 3).contiguous();  // AVX-512: even columns, then odd, per chunk
+}
+
 at::Tensor run_linear(const at::Tensor& x, const Weights& w, const std::optional<at::Tensor>& weight_scale,
                       const std::optional<at::Tensor>& bias, c10::string_view isa) {
   const char* op = w.op;
@@ -344,98 +243,52 @@ at::Tensor run_linear(const at::Tensor& x, const Weights& w, const std::optional
               ": x must be float32 or bfloat16, got ", x.scalar_type());
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == w.K, op, ": x must be [..., ", w.K, "], got shape ", x.sizes());
   check_weights(w, weight_scale, bias);
-  TORCH_CHECK(isa == "auto" || isa == "reference" || isa == "avx512" || isa == "amx", op,
-              ": isa must be auto, reference, avx512 or amx, got ", std::string(isa));
-  const bool avx512 = has_avx512_kernels();
-  TORCH_CHECK(isa != "avx512" || avx512, op, ": isa=avx512 forced but this CPU lacks AVX-512 F/BW/VL/VBMI2/VNNI/BF16");
-  TORCH_CHECK(isa != "amx" || has_amx_kernels(), op,
-              ": isa=amx forced but this CPU (or the OS) does not give AMX tile/bf16/int8 with AVX-512");
+  const at::Tensor x2d = x.reshape({-1, w.K});
+  const int64_t M = x2d.size(0);
+  KernelPath path = choose_path(op, isa, M);
+  if (M == 0 || w.N == 0) path = KernelPath::kReference;
 
   const bool int8 = w.values.scalar_type() == at::kChar;
   const int64_t C = chunk_width(w.values.scalar_type()), NB = ceil_div(w.N, kRows), KC = ceil_div(w.K, C);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = w.N;
-  const at::Tensor x2d = x.reshape({-1, w.K});
-  const int64_t M = x2d.size(0);
   const at::Tensor scale32 = int8 ? weight_scale->reshape({-1}).to(at::kFloat).contiguous() : at::Tensor();
   const at::Tensor bias32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
-
   at::Tensor xq, x_scale, x_zero;
   if (int8) xq = quantize_rows_u8(x2d.to(at::kFloat).contiguous(), KC * C, x_scale, x_zero);
-  at::Tensor y;
-  const bool reference = isa == "reference" || !avx512 || M == 0 || w.N == 0;
-  if (reference) {
-    if (w.masks.defined()) {  // values are read by the masks: they must agree first
-      const uint8_t* mp = w.masks.const_data_ptr<uint8_t>();
-      const int64_t* bo = w.block_offsets.const_data_ptr<int64_t>();
-      const int64_t words = KC * kRows * C / 64;  // a block's masks are a whole number of 64-bit words
-      for (int64_t b = 0; b < NB; ++b) {
-        int64_t set = 0;
-        for (int64_t i = 0; i < words; ++i) {
-          uint64_t word;
-          std::memcpy(&word, mp + (b * words + i) * 8, 8);
-          set += __builtin_popcountll(word);
-        }
-        TORCH_CHECK(set == bo[b + 1] - bo[b], op, ": the masks' popcounts disagree with block_offsets / values");
-      }
-    }
-    const at::Tensor dense = prepacked_to_dense(w.values, w.masks, w.block_offsets, w.N, w.K);
-    if (int8) {
-      // Exact integer dot products (fp64 holds them), then the kernel's own fp32 epilogue.
-      const at::Tensor q = xq.narrow(1, 0, w.K).to(at::kDouble);
-      const at::Tensor dots = at::matmul(q, dense.to(at::kDouble).t()) -
-                              x_zero.to(at::kDouble).unsqueeze(1) * dense.to(at::kDouble).sum(1).unsqueeze(0);
-      y = (x_scale.unsqueeze(1) * scale32.unsqueeze(0)) * dots.to(at::kFloat);
-    } else {
-      y = at::matmul(x2d.to(at::kBFloat16).to(at::kFloat), dense.to(at::kFloat).t());
-    }
-    if (bias32.defined()) y.add_(bias32);
-    return y.to(x.scalar_type()).reshape(out_shape);
-  }
-  Problem p{nullptr,
-            M,
-            KC * C,
-            w.N,
-            KC,
-            static_cast<const uint8_t*>(w.values.const_data_ptr()),
+  Problem p{nullptr, M, KC * C, w.N, KC, static_cast<const uint8_t*>(w.values.const_data_ptr()),
             w.masks.defined() ? w.masks.const_data_ptr<uint8_t>() : nullptr,
             w.masks.defined() ? w.block_offsets.const_data_ptr<int64_t>() : nullptr,
-            int8 ? w.row_sums.const_data_ptr<int32_t>() : nullptr,
-            int8 ? scale32.const_data_ptr<float>() : nullptr,
-            int8 ? x_scale.const_data_ptr<float>() : nullptr,
-            int8 ? x_zero.const_data_ptr<int32_t>() : nullptr,
-            bias32.defined() ? bias32.const_data_ptr<float>() : nullptr,
-            nullptr};
-  if (isa == "amx" || (isa == "auto" && M >= kAmxRows && has_amx_kernels())) {
-    // x as B tiles [M/16][KC][16 column pairs or quads][16 rows]: the VNNI order, rows padded with zeros.
-    const int64_t Mp = ceil_div(M, kAmxTileRows) * kAmxTileRows, E = int8 ? 4 : 2;
-    const at::Tensor xs = int8 ? at::constant_pad_nd(xq, {0, 0, 0, Mp - M}, 0)
-                               : at::constant_pad_nd(x2d.to(at::kBFloat16), {0, KC * C - w.K, 0, Mp - M}, 0);
-    const at::Tensor xt =
-        xs.view({Mp / kAmxTileRows, kAmxTileRows, KC, 16, E}).permute({0, 2, 3, 1, 4}).contiguous();
-    y = at::empty({M, w.N}, x2d.options().dtype(at::kFloat));
-    p.x = static_cast<const uint8_t*>(xt.const_data_ptr());
-    p.y = y.data_ptr<float>();
-    TORCH_CHECK(amx_linear(p), op, ": the masks' popcounts disagree with block_offsets / values");
-    return y.to(x.scalar_type()).reshape(out_shape);
-  }
-  if (!int8 && M >= kGemmRows) {  // prefill: unpack once, then torch's fp32 GEMM on bf16-rounded x
+            int8 ? w.row_sums.const_data_ptr<int32_t>() : nullptr, int8 ? scale32.const_data_ptr<float>() : nullptr,
+            int8 ? x_scale.const_data_ptr<float>() : nullptr, int8 ? x_zero.const_data_ptr<int32_t>() : nullptr,
+            bias32.defined() ? bias32.const_data_ptr<float>() : nullptr, nullptr};
+
+  at::Tensor y;
+  if (path == KernelPath::kReference) {
+    if (w.masks.defined()) check_masks_agree(w, NB, KC, C);
+    y = reference_linear(x2d, w, p, xq);
+    if (bias32.defined()) y.add_(bias32);
+  } else if (!int8 && M >= kGemmRows && path != KernelPath::kAmx) {
     const at::Tensor xf = at::constant_pad_nd(x2d.to(at::kBFloat16).to(at::kFloat), {0, KC * C - w.K}, 0);
-    return gemm_avx512(p, NB, xf.contiguous()).to(x.scalar_type()).reshape(out_shape);
+    y = unpack_gemm(op, p, NB, xf.contiguous(),
+                    path == KernelPath::kAvx512 ? &avx512_unpack_block : &avx2_unpack_block);
+  } else {
+    const at::Tensor xl = lay_out_x(path, x2d, xq, KC * C, C);
+    y = at::empty({M, w.N}, x2d.options().dtype(at::kFloat));
+    p.x = static_cast<const uint8_t*>(xl.const_data_ptr());
+    p.y = y.data_ptr<float>();
+    if (path == KernelPath::kAmx) {
+      TORCH_CHECK(amx_linear(p), op, kDisagree);
+    } else {
+      run_blocks(op, p, NB, path == KernelPath::kAvx512 ? &avx512_blocks : &avx2_blocks);
+    }
   }
-  const at::Tensor xb = int8 ? xq
-                             : at::constant_pad_nd(x2d.to(at::kBFloat16).to(at::kFloat), {0, KC * C - w.K}, 0)
-                                   .view({M, KC, C / 2, 2})
-                                   .transpose(2, 3)
-                                   .contiguous();
-  y = at::empty({M, w.N}, x2d.options().dtype(at::kFloat));
-  p.x = static_cast<const uint8_t*>(xb.const_data_ptr());
-  p.y = y.data_ptr<float>();
-  run_avx512(p, int8, NB);
   return y.to(x.scalar_type()).reshape(out_shape);
 }
 
 }  // namespace
+
+int64_t amx_min_rows() { return kAmxRows; }
 
 std::vector<int64_t> split_blocks(const int64_t* block_offsets, int64_t NB, int64_t parts) {
   std::vector<int64_t> bounds(parts + 1, NB);

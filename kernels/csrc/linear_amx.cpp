@@ -12,11 +12,12 @@
 
 #include <atomic>
 #include <cstring>
-#include <immintrin.h>
 #include <vector>
 
 #include "linear_kernels.h"
 #include "packed_format.h"
+// Last: see isa_intrinsics.h.
+#include "isa_intrinsics.h"
 
 namespace sparamx {
 namespace {
@@ -33,8 +34,7 @@ struct alignas(64) TileConfig {
   uint8_t rows[16];
 };
 
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vbmi2,avx512vnni,avx512bf16,amx-tile,amx-bf16,amx-int8")
+SPARAMX_AMX_BEGIN
 
 // Reads a group's 16 weight rows (4 blocks) one chunk at a time, as A tiles: 16 rows x 64 bytes.
 template <bool Int8>
@@ -210,7 +210,7 @@ bool groups_amx(const Problem& p, int64_t g0, int64_t g1, uint8_t* buf, uint8_t*
   return ok;
 }
 
-#pragma GCC pop_options
+SPARAMX_ISA_END
 
 }  // namespace
 

@@ -1,6 +1,6 @@
 #pragma once
-// What linear.cpp hands its kernel paths (the AVX-512 code in linear.cpp, the AMX tiles in linear_amx.cpp), and the
-// work split both use.
+// What linear.cpp (checks, dispatch, threads) hands its kernel paths: the AVX-512 expand-load kernels
+// (linear_avx512.cpp), the AVX2 table-shuffle kernels (linear_avx2.cpp) and the AMX tiles (linear_amx.cpp).
 #include <cstdint>
 #include <vector>
 
@@ -10,10 +10,12 @@ namespace sparamx {
 constexpr int64_t kAmxTileRows = 16;
 
 struct Problem {
-  // Activations, laid out for the path that reads them. AVX-512: [M, Kp], uint8 for int8 weights, or fp32 of
-  // bf16-rounded x with each chunk's 32 columns stored even columns first, then odd ones, for bf16 weights.
-  // AMX: B tiles [ceil(M/16)][KC][16][64 bytes], tile (t, c) row j holding activation rows 16t..16t+15 of chunk c's
-  // columns 2j, 2j+1 (bf16 pairs) or 4j..4j+3 (uint8 quads): the VNNI order tdpbf16ps / tdpbsud read.
+  // Activations, laid out for the path that reads them, zero-padded to Kp columns:
+  //   AVX-512: uint8 [M, Kp] for int8 weights; for bf16 weights fp32 of bf16-rounded x with each chunk's 32
+  //            columns stored even columns first, then odd ones.
+  //   AVX2:    int16 [M, Kp] (the uint8 values, widened) for int8 weights; fp32 of bf16-rounded x for bf16.
+  //   AMX:     B tiles [ceil(M/16)][KC][16][64 bytes], tile (t, c) row j holding activation rows 16t..16t+15 of chunk
+  //            c's columns 2j, 2j+1 (bf16 pairs) or 4j..4j+3 (uint8 quads): the VNNI order tdpbf16ps / tdpbsud read.
   const uint8_t* x;
   int64_t M, Kp, N, KC;
   const uint8_t* values;
@@ -27,9 +29,21 @@ struct Problem {
   float* y;                       // [M, N]
 };
 
-// y for every row of x on AMX tiles (x packed as B tiles); false when a bitmap block's masks disagree with
-// block_offsets.
+// Rows [b0 * kRows, b1 * kRows) of y, for every row of x. False when a bitmap block's masks ask for more values than
+// block_offsets gives it, or fewer (checked before reading past the block).
+bool avx512_blocks(const Problem& p, int64_t b0, int64_t b1);
+bool avx2_blocks(const Problem& p, int64_t b0, int64_t b1);
+
+// bf16 block b as fp32 rows [b*kRows, b*kRows + kRows) of `out` (row stride Kp floats, natural column order), for
+// the prefill GEMM. False as above.
+bool avx512_unpack_block(const Problem& p, int64_t b, float* out);
+bool avx2_unpack_block(const Problem& p, int64_t b, float* out);
+
+// y for every row of x on AMX tiles (x packed as B tiles); false as above.
 bool amx_linear(const Problem& p);
+
+// From how many rows of x isa=auto runs the AMX tiles where the CPU has them (kAmxRows of linear.cpp).
+int64_t amx_min_rows();
 
 // Block ranges [bounds[t], bounds[t+1]) holding equal shares of the nonzeros (equal block counts when
 // block_offsets is null), so threads finish together whatever the per-row sparsity.

@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "cpu_features.h"
+#include "linear_kernels.h"
 
 extern "C" {
 PyObject* PyInit__C(void) {
@@ -25,11 +26,15 @@ TORCH_LIBRARY(sparamx, m) {
         "(Tensor values, Tensor masks, Tensor block_offsets, Tensor row_sums)");
   m.def("dense_prepack(Tensor weight) -> (Tensor values, Tensor row_sums)");
   // y = x @ W^T (+ bias) on prepacked weights; y has x's dtype. int8 weights need weight_scale [out] (w = scale * q)
-  // and quantize x per row to uint8 on the fly. isa: auto | reference | avx512.
+  // and quantize x per row to uint8 on the fly. isa: auto | reference | avx2 | avx512 | amx.
   m.def("bitmap_linear(Tensor x, Tensor values, Tensor masks, Tensor block_offsets, Tensor row_sums, "
         "int out_features, int in_features, Tensor? weight_scale=None, Tensor? bias=None, str isa='auto') -> Tensor");
   m.def("dense_linear(Tensor x, Tensor values, Tensor row_sums, int out_features, int in_features, "
         "Tensor? weight_scale=None, Tensor? bias=None, str isa='auto') -> Tensor");
-  // Bit set of the CPU features detected once per process (see csrc/cpu_features.h).
-  m.def("cpu_features() -> int", &sparamx::cpu_features);
+  // What the CPU can run, detected once per process, and what each kernel path needs (csrc/cpu_features.h).
+  m.def("cpu_features() -> str[]", &sparamx::cpu_feature_names);
+  m.def("kernel_paths() -> str[]", &sparamx::kernel_paths);
+  m.def("kernel_path_needs(str path) -> str[]", &sparamx::kernel_path_needs);
+  // From how many rows of x isa=auto runs the AMX tiles (where the CPU has them).
+  m.def("amx_min_rows() -> int", &sparamx::amx_min_rows);
 }

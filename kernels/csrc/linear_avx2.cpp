@@ -1,0 +1,235 @@
+// AVX2 path of the linear kernels (AVX2 + FMA, no AVX-512), any M, on the same prepacked layout as the AVX-512 path.
+//
+// Bitmap expansion without vpexpand: each mask byte covers 8 columns, and a 256-entry table holds, per mask byte, the
+// byte shuffle that moves the row's next popcount(byte) values into those columns (zeros elsewhere); popcount then
+// advances the row's value pointer. bf16: 8 values (16 bytes, broadcast to both 128-bit lanes) go by one vpshufb
+// straight into the high halves of 8 fp32 lanes, so the shuffle also widens. int8: two mask bytes give 16 values,
+// sign-extended to int16 and multiplied with the int16-widened uint8 activations by vpmaddwd into int32 lanes: two
+// products of at most 255 * 128 per lane and step, so it cannot saturate (vpmaddubsw adds two u8 * s8 products into
+// int16 and would: 2 * 255 * 127 > 32767). Per block of kRows output rows, 1 or 2 activation rows at a time (16 ymm
+// registers: 8 accumulators, the activations, the weights), 64 at a time through the block's weights (L1).
+#include <algorithm>
+#include <cstring>
+
+#include "linear_kernels.h"
+#include "packed_format.h"
+
+namespace sparamx {
+namespace {
+
+constexpr int64_t kPrefetchBytes = 4096;  // as the AVX-512 path's (linear_avx512.cpp)
+constexpr int64_t kTileRows = 64;         // activation rows per pass over the weights
+
+struct ExpandTables {
+  // Mask byte -> vpshufb control for 16 bytes (8 bf16) broadcast to both lanes: fp32 lane j gets the next value's
+  // two bytes in its high half when bit j is set, zero otherwise.
+  alignas(32) uint8_t bf16[256][32];
+  // Mask byte -> pshufb control for 8 int8 values: byte j gets the next value when bit j is set; bytes 8-15 zero.
+  alignas(16) uint8_t int8[256][16];
+
+  ExpandTables() {
+    for (int m = 0; m < 256; ++m) {
+      int rank = 0;
+      for (int j = 0; j < 8; ++j) {
+        const bool set = (m >> j) & 1;
+        uint8_t* lane = bf16[m] + 4 * j;
+        lane[0] = lane[1] = 0x80;
+        lane[2] = set ? static_cast<uint8_t>(2 * rank) : 0x80;
+        lane[3] = set ? static_cast<uint8_t>(2 * rank + 1) : 0x80;
+        int8[m][j] = set ? static_cast<uint8_t>(rank) : 0x80;
+        int8[m][8 + j] = 0x80;
+        rank += set;
+      }
+    }
+  }
+};
+
+const ExpandTables kTables;  // built at load time, outside the AVX2 region below
+
+}  // namespace
+}  // namespace sparamx
+
+// Last: no inline function of a header may be compiled for AVX2 (see isa_intrinsics.h).
+#include <immintrin.h>
+
+namespace sparamx {
+namespace {
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,popcnt")
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+inline int32_t hsum(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+  return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 1)));
+}
+
+// 8 bf16 columns as fp32: expanded by mask byte `bits` from `*v` (advanced past them), or loaded when dense.
+template <bool Sparse>
+inline __m256 bf16x8(const uint8_t*& v, unsigned bits) {
+  if constexpr (Sparse) {
+    const __m256i raw = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v)));
+    v += 2 * _mm_popcnt_u32(bits);
+    return _mm256_castsi256_ps(
+        _mm256_shuffle_epi8(raw, _mm256_load_si256(reinterpret_cast<const __m256i*>(kTables.bf16[bits]))));
+  } else {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v));
+    v += 16;
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+  }
+}
+
+// 16 int8 columns as int16: expanded by mask bytes `bits` (low byte first) from `*v` (advanced), or loaded.
+template <bool Sparse>
+inline __m256i int8x16(const uint8_t*& v, unsigned bits) {
+  if constexpr (Sparse) {
+    const unsigned lo_bits = bits & 0xFF, hi_bits = bits >> 8;
+    const __m128i lo = _mm_shuffle_epi8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(v)),
+                                        _mm_load_si128(reinterpret_cast<const __m128i*>(kTables.int8[lo_bits])));
+    v += _mm_popcnt_u32(lo_bits);
+    const __m128i hi = _mm_shuffle_epi8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(v)),
+                                        _mm_load_si128(reinterpret_cast<const __m128i*>(kTables.int8[hi_bits])));
+    v += _mm_popcnt_u32(hi_bits);
+    return _mm256_cvtepi8_epi16(_mm_unpacklo_epi64(lo, hi));
+  } else {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v));
+    v += 16;
+    return _mm256_cvtepi8_epi16(raw);
+  }
+}
+
+// Rows [b*kRows, b*kRows + kRows) of y for activation rows [m0, m0 + MB). Each chunk holds, per row, C columns:
+// kSteps steps of 8 (bf16) or 16 (int8) columns. A bitmap block whose masks ask for more values than the block
+// holds, or fewer, returns false before reading past it.
+template <bool Int8, bool Sparse, int MB>
+bool block(const Problem& p, int64_t b, int64_t m0) {
+  using Acc = std::conditional_t<Int8, __m256i, __m256>;
+  constexpr int64_t C = Int8 ? 64 : 32, E = Int8 ? 1 : 2, MaskBytes = C / 8, Step = Int8 ? 16 : 8;
+  constexpr int64_t XBytes = Int8 ? 2 : 4;  // int16 or fp32 activations
+  Acc acc[MB][kRows];
+  for (int i = 0; i < MB; ++i)
+    for (int r = 0; r < kRows; ++r) {
+      if constexpr (Int8) acc[i][r] = _mm256_setzero_si256();
+      else acc[i][r] = _mm256_setzero_ps();
+    }
+  const uint8_t* v = Sparse ? p.values + p.block_offsets[b] * E : p.values + b * p.KC * kRows * C * E;
+  const uint8_t* end = Sparse ? p.values + p.block_offsets[b + 1] * E : nullptr;
+  const uint8_t* mk = Sparse ? p.masks + b * p.KC * kRows * MaskBytes : nullptr;
+  const uint8_t* x = p.x + m0 * p.Kp * XBytes;
+  for (int64_t c = 0; c < p.KC; ++c) {
+    uint64_t bits[kRows] = {};
+    const uint8_t* row[kRows];
+    if constexpr (Sparse) {
+      const uint8_t* next = v;
+      for (int r = 0; r < kRows; ++r) {
+        std::memcpy(&bits[r], mk + r * MaskBytes, MaskBytes);
+        row[r] = next;
+        next += _mm_popcnt_u64(bits[r]) * E;
+      }
+      if (next > end) return false;
+      mk += kRows * MaskBytes;
+      _mm_prefetch(reinterpret_cast<const char*>(v) + kPrefetchBytes, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(v) + kPrefetchBytes + 64, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(mk) + kPrefetchBytes / 4, _MM_HINT_T0);
+      v = next;
+    } else {
+      for (int r = 0; r < kRows; ++r) {
+        row[r] = v + r * C * E;
+        _mm_prefetch(reinterpret_cast<const char*>(v) + kPrefetchBytes + r * 64, _MM_HINT_T0);
+      }
+      v += kRows * C * E;
+    }
+    for (int64_t s = 0; s < C / Step; ++s) {
+      const uint8_t* xs = x + (c * C + s * Step) * XBytes;
+      for (int r = 0; r < kRows; ++r) {
+        const unsigned mask = static_cast<unsigned>(bits[r] >> (s * Step)) & ((1u << Step) - 1);
+        if constexpr (Int8) {
+          const __m256i w = int8x16<Sparse>(row[r], mask);
+          for (int i = 0; i < MB; ++i) {
+            const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xs + i * p.Kp * XBytes));
+            acc[i][r] = _mm256_add_epi32(acc[i][r], _mm256_madd_epi16(xv, w));
+          }
+        } else {
+          const __m256 w = bf16x8<Sparse>(row[r], mask);
+          for (int i = 0; i < MB; ++i) {
+            const __m256 xv = _mm256_loadu_ps(reinterpret_cast<const float*>(xs + i * p.Kp * XBytes));
+            acc[i][r] = _mm256_fmadd_ps(w, xv, acc[i][r]);
+          }
+        }
+      }
+    }
+  }
+  if (Sparse && v != end) return false;
+  const int64_t rows = std::min(kRows, p.N - b * kRows);
+  for (int i = 0; i < MB; ++i) {
+    float* y = p.y + (m0 + i) * p.N + b * kRows;
+    for (int r = 0; r < rows; ++r) {
+      const int64_t n = b * kRows + r;
+      float out;
+      if constexpr (Int8) {
+        const int32_t dot = hsum(acc[i][r]) - p.x_zero[m0 + i] * p.row_sums[n];
+        out = p.x_scale[m0 + i] * p.weight_scale[n] * static_cast<float>(dot);
+      } else {
+        out = hsum(acc[i][r]);
+      }
+      y[r] = p.bias ? out + p.bias[n] : out;
+    }
+  }
+  return true;
+}
+
+template <bool Sparse>
+bool unpack_block(const Problem& p, int64_t b, float* out) {
+  const uint8_t* v = Sparse ? p.values + p.block_offsets[b] * 2 : p.values + b * p.KC * kRows * 64;
+  const uint8_t* end = Sparse ? p.values + p.block_offsets[b + 1] * 2 : nullptr;
+  const uint8_t* mk = Sparse ? p.masks + b * p.KC * kRows * 4 : nullptr;
+  for (int64_t c = 0; c < p.KC; ++c) {
+    for (int r = 0; r < kRows; ++r) {
+      uint32_t bits = 0;
+      if constexpr (Sparse) {
+        std::memcpy(&bits, mk + r * 4, 4);
+        if (v + _mm_popcnt_u32(bits) * 2 > end) return false;
+      }
+      float* dst = out + (b * kRows + r) * p.Kp + c * 32;
+      for (int s = 0; s < 4; ++s) _mm256_storeu_ps(dst + 8 * s, bf16x8<Sparse>(v, (bits >> (8 * s)) & 0xFF));
+    }
+    if constexpr (Sparse) mk += kRows * 4;
+  }
+  return !Sparse || v == end;
+}
+
+#pragma GCC pop_options
+
+template <bool Int8, bool Sparse>
+bool blocks(const Problem& p, int64_t b0, int64_t b1) {
+  bool ok = true;
+  for (int64_t t = 0; t < p.M; t += kTileRows) {
+    const int64_t t1 = std::min(p.M, t + kTileRows);
+    for (int64_t b = b0; b < b1 && ok; ++b) {
+      int64_t m = t;
+      for (; m + 2 <= t1; m += 2) ok &= block<Int8, Sparse, 2>(p, b, m);
+      if (m < t1) ok &= block<Int8, Sparse, 1>(p, b, m);
+    }
+  }
+  return ok;
+}
+
+}  // namespace
+
+bool avx2_blocks(const Problem& p, int64_t b0, int64_t b1) {
+  const bool sparse = p.masks != nullptr;
+  if (p.row_sums) return sparse ? blocks<true, true>(p, b0, b1) : blocks<true, false>(p, b0, b1);
+  return sparse ? blocks<false, true>(p, b0, b1) : blocks<false, false>(p, b0, b1);
+}
+
+bool avx2_unpack_block(const Problem& p, int64_t b, float* out) {
+  return p.masks ? unpack_block<true>(p, b, out) : unpack_block<false>(p, b, out);
+}
+
+}  // namespace sparamx
