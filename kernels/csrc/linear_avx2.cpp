@@ -2,8 +2,9 @@
 //
 // Bitmap expansion without vpexpand: each mask byte covers 8 columns, and a 256-entry table holds, per mask byte, the
 // byte shuffle that moves the row's next popcount(byte) values into those columns (zeros elsewhere); popcount then
-// advances the row's value pointer. bf16: 8 values (16 bytes, broadcast to both 128-bit lanes) go by one vpshufb
-// straight into the high halves of 8 fp32 lanes, so the shuffle also widens. int8: two mask bytes give 16 values,
+// places them. bf16: 8 values (16 bytes, broadcast to both 128-bit lanes) go by one vpshufb
+// straight into the high halves of 8 fp32 lanes, so the shuffle also widens. Where each byte's values start is the
+// popcount of the mask bits below it (independent popcounts, not a chain). int8: two mask bytes give 16 values,
 // sign-extended to int16 and multiplied with the int16-widened uint8 activations by vpmaddwd into int32 lanes: two
 // products of at most 255 * 128 per lane and step, so it cannot saturate (vpmaddubsw adds two u8 * s8 products into
 // int16 and would: 2 * 255 * 127 > 32767). Per block of kRows output rows, 1 or 2 activation rows at a time (16 ymm
@@ -70,38 +71,31 @@ inline int32_t hsum(__m256i v) {
   return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 1)));
 }
 
-// 8 bf16 columns as fp32: expanded by mask byte `bits` from `*v` (advanced past them), or loaded when dense.
+// 8 bf16 columns as fp32: expanded by mask byte `bits` from v, or loaded when dense.
 template <bool Sparse>
-inline __m256 bf16x8(const uint8_t*& v, unsigned bits) {
+inline __m256 bf16x8(const uint8_t* v, unsigned bits) {
   if constexpr (Sparse) {
     const __m256i raw = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v)));
-    v += 2 * _mm_popcnt_u32(bits);
     return _mm256_castsi256_ps(
         _mm256_shuffle_epi8(raw, _mm256_load_si256(reinterpret_cast<const __m256i*>(kTables.bf16[bits]))));
   } else {
     const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v));
-    v += 16;
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
   }
 }
 
-// 16 int8 columns as int16: expanded by mask bytes `bits` (low byte first) from `*v` (advanced), or loaded.
-template <bool Sparse>
-inline __m256i int8x16(const uint8_t*& v, unsigned bits) {
-  if constexpr (Sparse) {
-    const unsigned lo_bits = bits & 0xFF, hi_bits = bits >> 8;
-    const __m128i lo = _mm_shuffle_epi8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(v)),
-                                        _mm_load_si128(reinterpret_cast<const __m128i*>(kTables.int8[lo_bits])));
-    v += _mm_popcnt_u32(lo_bits);
-    const __m128i hi = _mm_shuffle_epi8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(v)),
-                                        _mm_load_si128(reinterpret_cast<const __m128i*>(kTables.int8[hi_bits])));
-    v += _mm_popcnt_u32(hi_bits);
-    return _mm256_cvtepi8_epi16(_mm_unpacklo_epi64(lo, hi));
-  } else {
-    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v));
-    v += 16;
-    return _mm256_cvtepi8_epi16(raw);
-  }
+// 8 int8 columns, expanded by mask byte `bits` from v, in the low 8 bytes.
+inline __m128i int8x8(const uint8_t* v, unsigned bits) {
+  return _mm_shuffle_epi8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(v)),
+                          _mm_load_si128(reinterpret_cast<const __m128i*>(kTables.int8[bits])));
+}
+
+// Where each mask byte's values start in a row's run of values, for the 4 (bf16) or 8 (int8) bytes of a chunk's
+// mask: independent popcounts of the mask's low bytes, so no load waits on the one before.
+template <int Bytes>
+inline void byte_offsets(uint64_t bits, int64_t* offsets) {
+  offsets[0] = 0;
+  for (int j = 1; j < Bytes; ++j) offsets[j] = _mm_popcnt_u64(bits & ((uint64_t{1} << (8 * j)) - 1));
 }
 
 // Rows [b*kRows, b*kRows + kRows) of y for activation rows [m0, m0 + MB). Each chunk holds, per row, C columns:
@@ -110,7 +104,8 @@ inline __m256i int8x16(const uint8_t*& v, unsigned bits) {
 template <bool Int8, bool Sparse, int MB>
 bool block(const Problem& p, int64_t b, int64_t m0) {
   using Acc = std::conditional_t<Int8, __m256i, __m256>;
-  constexpr int64_t C = Int8 ? 64 : 32, E = Int8 ? 1 : 2, MaskBytes = C / 8, Step = Int8 ? 16 : 8;
+  constexpr int MaskBytes = Int8 ? 8 : 4;
+  constexpr int64_t C = Int8 ? 64 : 32, E = Int8 ? 1 : 2, Step = Int8 ? 16 : 8;
   constexpr int64_t XBytes = Int8 ? 2 : 4;  // int16 or fp32 activations
   Acc acc[MB][kRows];
   for (int i = 0; i < MB; ++i)
@@ -123,12 +118,19 @@ bool block(const Problem& p, int64_t b, int64_t m0) {
   const uint8_t* mk = Sparse ? p.masks + b * p.KC * kRows * MaskBytes : nullptr;
   const uint8_t* x = p.x + m0 * p.Kp * XBytes;
   for (int64_t c = 0; c < p.KC; ++c) {
-    uint64_t bits[kRows] = {};
+    uint64_t bits[kRows] = {};  // dense: unused
     const uint8_t* row[kRows];
     if constexpr (Sparse) {
       const uint8_t* next = v;
       for (int r = 0; r < kRows; ++r) {
-        std::memcpy(&bits[r], mk + r * MaskBytes, MaskBytes);
+        // Whole-width copies: 4 bytes into a zeroed 8-byte word would stall on store forwarding.
+        if constexpr (Int8) {
+          std::memcpy(&bits[r], mk + r * MaskBytes, 8);
+        } else {
+          uint32_t b32;
+          std::memcpy(&b32, mk + r * MaskBytes, 4);
+          bits[r] = b32;
+        }
         row[r] = next;
         next += _mm_popcnt_u64(bits[r]) * E;
       }
@@ -145,18 +147,30 @@ bool block(const Problem& p, int64_t b, int64_t m0) {
       }
       v += kRows * C * E;
     }
-    for (int64_t s = 0; s < C / Step; ++s) {
-      const uint8_t* xs = x + (c * C + s * Step) * XBytes;
-      for (int r = 0; r < kRows; ++r) {
-        const unsigned mask = static_cast<unsigned>(bits[r] >> (s * Step)) & ((1u << Step) - 1);
+    const uint8_t* xc = x + c * C * XBytes;
+#pragma GCC unroll 4
+    for (int r = 0; r < kRows; ++r) {
+      int64_t off[MaskBytes];
+      if constexpr (Sparse) byte_offsets<MaskBytes>(bits[r], off);
+#pragma GCC unroll 4
+      for (int64_t s = 0; s < C / Step; ++s) {
+        const uint8_t* xs = xc + s * Step * XBytes;
         if constexpr (Int8) {
-          const __m256i w = int8x16<Sparse>(row[r], mask);
+          __m256i w;
+          if constexpr (Sparse) {
+            const __m128i lo = int8x8(row[r] + off[2 * s], (bits[r] >> (16 * s)) & 0xFF);
+            const __m128i hi = int8x8(row[r] + off[2 * s + 1], (bits[r] >> (16 * s + 8)) & 0xFF);
+            w = _mm256_cvtepi8_epi16(_mm_unpacklo_epi64(lo, hi));
+          } else {
+            w = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row[r] + 16 * s)));
+          }
           for (int i = 0; i < MB; ++i) {
             const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xs + i * p.Kp * XBytes));
             acc[i][r] = _mm256_add_epi32(acc[i][r], _mm256_madd_epi16(xv, w));
           }
         } else {
-          const __m256 w = bf16x8<Sparse>(row[r], mask);
+          const __m256 w = Sparse ? bf16x8<true>(row[r] + 2 * off[s], (bits[r] >> (8 * s)) & 0xFF)
+                                  : bf16x8<false>(row[r] + 16 * s, 0);
           for (int i = 0; i < MB; ++i) {
             const __m256 xv = _mm256_loadu_ps(reinterpret_cast<const float*>(xs + i * p.Kp * XBytes));
             acc[i][r] = _mm256_fmadd_ps(w, xv, acc[i][r]);
@@ -197,7 +211,10 @@ bool unpack_block(const Problem& p, int64_t b, float* out) {
         if (v + _mm_popcnt_u32(bits) * 2 > end) return false;
       }
       float* dst = out + (b * kRows + r) * p.Kp + c * 32;
-      for (int s = 0; s < 4; ++s) _mm256_storeu_ps(dst + 8 * s, bf16x8<Sparse>(v, (bits >> (8 * s)) & 0xFF));
+      int64_t off[4] = {0, 8, 16, 24};
+      if constexpr (Sparse) byte_offsets<4>(bits, off);
+      for (int s = 0; s < 4; ++s) _mm256_storeu_ps(dst + 8 * s, bf16x8<Sparse>(v + 2 * off[s], (bits >> (8 * s)) & 0xFF));
+      v += Sparse ? 2 * _mm_popcnt_u32(bits) : 64;
     }
     if constexpr (Sparse) mk += kRows * 4;
   }
