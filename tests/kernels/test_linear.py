@@ -1,12 +1,16 @@
-"""The four linear formats (bitmap / dense x bf16 / int8) against Python references, on every ISA path available."""
+"""The four linear formats (bitmap / dense x bf16 / int8) against Python references, on every kernel path: those
+this CPU has, natively, and the AVX-512 and AMX ones also in the emulated build (emulated.py) on any CPU."""
 
 import pytest
 import torch
+from emulated import EMULATED_PATHS, emulated_ops  # tests/kernels/emulated.py
 
 from sparamx.kernels import ops
 from sparamx.kernels.modules import DenseLinear, SparseLinear
 
 ISAS = ops.available_isas()
+# Every path the grids run: the native ones, then "emulated <path>" (the same kernel sources in software).
+PATHS = ISAS + tuple(f"emulated {path}" for path in EMULATED_PATHS)
 FORMATS = ("bitmap bf16", "bitmap int8", "dense bf16", "dense int8")
 SHAPES = [(576, 576), (33, 7), (1000, 17), (31, 4), (64, 9), (100, 50), (1, 3), (4096, 5), (129, 1)]  # (K, N)
 SPARSITIES = [0.0, 0.3, 0.5, 0.9, 1.0]
@@ -49,13 +53,21 @@ class Case:
             self.weight, self.scale = w.bfloat16(), None
         if fmt.startswith("bitmap"):
             self.packed = ops.bitmap_prepack(*ops.bitmap_pack(self.weight), self.k)
-            self.op = torch.ops.sparamx.bitmap_linear.default
+            self.name = "bitmap_linear"
         else:
             self.packed = ops.dense_prepack(self.weight)
-            self.op = torch.ops.sparamx.dense_linear.default
+            self.name = "dense_linear"
+        self.op = getattr(torch.ops.sparamx, self.name).default
+
+    def op_for(self, isa):
+        """(op, isa argument) for a native path, "emulated <path>", or None: what ops.isa() asks for."""
+        if isa and isa.startswith("emulated "):
+            return getattr(emulated_ops(), self.name).default, isa.removeprefix("emulated ")
+        return self.op, isa or ops.isa()
 
     def run(self, x, isa=None):
-        return self.op(x, *self.packed, self.n, self.k, self.scale, self.bias, isa or ops.isa())
+        op, isa = self.op_for(isa)
+        return op(x, *self.packed, self.n, self.k, self.scale, self.bias, isa)
 
     def check(self, x, y):
         x2 = x.reshape(-1, self.k)
@@ -81,7 +93,7 @@ class Case:
 FORMAT_SPARSITY = [(f, s) for f in FORMATS for s in (SPARSITIES if f.startswith("bitmap") else (0.0, 0.5))]
 
 
-@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("isa", PATHS)
 @pytest.mark.parametrize("fmt, sparsity", FORMAT_SPARSITY)
 @pytest.mark.parametrize("k, n", SHAPES)
 def test_matches_reference_on_awkward_shapes(isa, fmt, sparsity, k, n):
@@ -92,7 +104,7 @@ def test_matches_reference_on_awkward_shapes(isa, fmt, sparsity, k, n):
         case.check(x, case.run(x, isa))
 
 
-@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("isa", PATHS)
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("m", MS)
 def test_every_decode_and_batch_size(isa, fmt, m):
@@ -101,7 +113,7 @@ def test_every_decode_and_batch_size(isa, fmt, m):
     case.check(x, case.run(x, isa))
 
 
-@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("isa", PATHS)
 @pytest.mark.parametrize("fmt", ("bitmap int8", "dense int8"))
 def test_int8_extremes_never_saturate(isa, fmt):
     """Weights at +-127 against activations the quantizer maps to 0 and 255: every pair of products is 2 * 255 * 127,
@@ -143,7 +155,7 @@ def test_leading_dims_empty_batch_and_threads(fmt):
 def test_paths_agree(fmt):
     case = Case(fmt, random_weight(37, 333, 0.5))
     x = torch.randn(5, 333)
-    ys = [case.run(x, isa) for isa in ISAS]
+    ys = [case.run(x, isa) for isa in PATHS]
     for y in ys[1:]:
         assert torch.allclose(ys[0], y, rtol=1e-5, atol=1e-5)
 
@@ -175,21 +187,22 @@ def test_prepack_preserves_the_weight():
                 assert torch.equal(y.T, expected)
 
 
-@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("fmt", ("bitmap bf16", "bitmap int8"))
-def test_inconsistent_masks_are_an_error_not_a_crash(isa, fmt):
+def test_inconsistent_masks_are_an_error_not_a_crash(path, fmt):
     case = Case(fmt, random_weight(6, 130, 0.5))
+    op, isa = case.op_for(path)
     values, masks, offsets, sums = case.packed
     bad = masks.clone()
     bad[0, 0, 0] ^= 0xFF  # block 0 now claims a different number of values than block_offsets says
     with pytest.raises(RuntimeError, match="popcounts disagree"):
-        case.op(torch.randn(1, 130), values, bad, offsets, sums, 6, 130, case.scale, None, isa)
+        op(torch.randn(1, 130), values, bad, offsets, sums, 6, 130, case.scale, None, isa)
     full = torch.full_like(masks, 0xFF)  # every bit set: asks for far more values than exist
     for m in (2, 200):  # the decode kernel, and the unpack-then-GEMM path of prefill-sized inputs
         with pytest.raises(RuntimeError, match="popcounts disagree"):
-            case.op(torch.randn(m, 130), values, full, offsets, sums, 6, 130, case.scale, None, isa)
+            op(torch.randn(m, 130), values, full, offsets, sums, 6, 130, case.scale, None, isa)
     with pytest.raises(RuntimeError, match="block_offsets must run from 0"):
-        case.op(torch.randn(1, 130), values[:-3].clone(), masks, offsets, sums, 6, 130, case.scale, None, isa)
+        op(torch.randn(1, 130), values[:-3].clone(), masks, offsets, sums, 6, 130, case.scale, None, isa)
 
 
 @pytest.mark.parametrize(
@@ -273,8 +286,8 @@ def test_auto_picks_a_path_that_agrees_with_each_forced_one(fmt):
         x = torch.randn(m, 300)
         y = case.run(x, "auto")
         case.check(x, y)
-        for forced in ISAS:
+        for forced in PATHS:
             other = case.run(x, forced)
             case.check(x, other)
-            if case.int8 and forced != "reference":
+            if case.int8 and forced != "reference":  # exact integer dot products on every SIMD path
                 assert torch.equal(y, other), (m, forced)

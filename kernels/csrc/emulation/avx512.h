@@ -1,0 +1,85 @@
+#pragma once
+// Software AVX-512 for the test-only emulated build (SPARAMX_EMULATED; tests/kernels/emulated.py): SIMDe (PyPI
+// simde-py) where it has the intrinsic, a few lines here where it does not (vpexpandb / vpexpandw of VBMI2, the
+// reduce-adds). Only what linear_avx512.cpp and linear_amx.cpp use is mapped, so a new intrinsic in the kernels fails
+// to compile here until it is added -- never silently runs something else.
+#include <cstdint>
+#include <cstring>
+
+#include <simde/x86/avx512.h>
+
+namespace sparamx {
+namespace emulation {
+
+template <typename Lane, int Lanes, typename Mask>
+inline simde__m512i maskz_expand(Mask k, simde__m512i a) {
+  Lane src[Lanes], dst[Lanes];
+  std::memcpy(src, &a, 64);
+  for (int i = 0, j = 0; i < Lanes; ++i) dst[i] = ((k >> i) & 1) ? src[j++] : Lane{0};
+  simde__m512i out;
+  std::memcpy(&out, dst, 64);
+  return out;
+}
+
+inline int32_t reduce_add_epi32(simde__m512i a) {
+  uint32_t lanes[16], sum = 0;  // wraps as the instruction does
+  std::memcpy(lanes, &a, 64);
+  for (uint32_t lane : lanes) sum += lane;
+  return static_cast<int32_t>(sum);
+}
+
+inline float reduce_add_ps(simde__m512 a) {  // halves added pairwise, as GCC's _mm512_reduce_add_ps
+  float v[16];
+  std::memcpy(v, &a, 64);
+  for (int width = 8; width >= 1; width /= 2)
+    for (int i = 0; i < width; ++i) v[i] += v[i + width];
+  return v[0];
+}
+
+}  // namespace emulation
+}  // namespace sparamx
+
+#undef _mm512_setzero_si512
+#undef _mm512_setzero_ps
+#undef _mm512_loadu_si512
+#undef _mm512_storeu_si512
+#undef _mm512_loadu_ps
+#undef _mm512_storeu_ps
+#undef _mm512_dpbusd_epi32
+#undef _mm512_castsi512_ps
+#undef _mm512_slli_epi32
+#undef _mm512_and_si512
+#undef _mm512_set1_epi32
+#undef _mm512_fmadd_ps
+#undef _mm512_cvtepu16_epi32
+#undef _mm512_castsi512_si256
+#undef _mm512_extracti64x4_epi64
+#undef _mm512_maskz_expand_epi8
+#undef _mm512_maskz_expand_epi16
+#undef _mm512_reduce_add_epi32
+#undef _mm512_reduce_add_ps
+#undef _mm_prefetch
+
+#define __m512i simde__m512i
+#define __m512 simde__m512
+#define __mmask32 simde__mmask32
+#define _mm512_setzero_si512 simde_mm512_setzero_si512
+#define _mm512_setzero_ps simde_mm512_setzero_ps
+#define _mm512_loadu_si512 simde_mm512_loadu_si512
+#define _mm512_storeu_si512 simde_mm512_storeu_si512
+#define _mm512_loadu_ps simde_mm512_loadu_ps
+#define _mm512_storeu_ps simde_mm512_storeu_ps
+#define _mm512_dpbusd_epi32 simde_mm512_dpbusd_epi32
+#define _mm512_castsi512_ps simde_mm512_castsi512_ps
+#define _mm512_slli_epi32 simde_mm512_slli_epi32
+#define _mm512_and_si512 simde_mm512_and_si512
+#define _mm512_set1_epi32 simde_mm512_set1_epi32
+#define _mm512_fmadd_ps simde_mm512_fmadd_ps
+#define _mm512_cvtepu16_epi32 simde_mm512_cvtepu16_epi32
+#define _mm512_castsi512_si256 simde_mm512_castsi512_si256
+#define _mm512_extracti64x4_epi64 simde_mm512_extracti64x4_epi64
+#define _mm512_maskz_expand_epi8(k, a) sparamx::emulation::maskz_expand<int8_t, 64>(static_cast<uint64_t>(k), (a))
+#define _mm512_maskz_expand_epi16(k, a) sparamx::emulation::maskz_expand<int16_t, 32>(static_cast<uint32_t>(k), (a))
+#define _mm512_reduce_add_epi32 sparamx::emulation::reduce_add_epi32
+#define _mm512_reduce_add_ps sparamx::emulation::reduce_add_ps
+#define _mm_prefetch(address, hint) ((void)(address))
