@@ -15,6 +15,7 @@ LIMIT ?= 100
 DOCS ?= 5
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+ISA ?=
 
 # Real text for calibration and tests: ../shared/data beside the checkout when present (CI), else the dataset hub.
 ifneq ($(wildcard ../shared/data),)
@@ -73,8 +74,8 @@ install-bench: install  ## build the llama.cpp peer for make bench (llama-cpp-py
 bench: install  ## decode benchmark, stock transformers vs our runtime per recipe -> eval/results/bench.{json,md,png}
 	$(VENV)/bin/sparamx bench --out eval/results $(BENCH_ARGS)
 
-bench-kernels: install  ## kernel microbenchmark at Llama-3-8B shapes -> eval/results/kernels.{json,md,png}
-	$(PY) -m sparamx.eval.bench_kernels --out eval/results
+bench-kernels: install  ## kernel microbenchmark at Llama-3-8B shapes -> eval/results/kernels.*; ISA=avx2 forces a path -> kernels-avx2.*
+	$(PY) -m sparamx.eval.bench_kernels --out eval/results $(if $(ISA),--isa $(ISA))
 
 bench-crossover: install  ## AVX-512 vs AMX vs torch bf16 by rows of x (needs AVX-512; AMX for its column) -> eval/results/crossover.*
 	$(PY) -m sparamx.eval.bench_crossover --out eval/results

@@ -57,7 +57,7 @@ namespace sparamx {
 namespace {
 
 #pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c,popcnt")
+#pragma GCC target("avx2,fma,f16c,popcnt,bmi,bmi2")
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -84,10 +84,12 @@ inline __m256 bf16x8(const uint8_t* v, unsigned bits) {
   }
 }
 
-// 8 int8 columns, expanded by mask byte `bits` from v, in the low 8 bytes.
-inline __m128i int8x8(const uint8_t* v, unsigned bits) {
+// 8 int8 columns, expanded by mask byte j of `bits` from v, in the low 8 bytes. The byte's table row is found by
+// one shift and one and (rows are 16 bytes): this runs once per 8 weights, so scalar work counts.
+inline __m128i int8x8(const uint8_t* v, uint64_t bits, int j) {
+  const uint64_t row = (j == 0 ? bits << 4 : bits >> (8 * j - 4)) & 0xFF0;
   return _mm_shuffle_epi8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(v)),
-                          _mm_load_si128(reinterpret_cast<const __m128i*>(kTables.int8[bits])));
+                          _mm_load_si128(reinterpret_cast<const __m128i*>(&kTables.int8[0][0] + row)));
 }
 
 // Where each mask byte's values start in a row's run of values, for the 4 (bf16) or 8 (int8) bytes of a chunk's
@@ -95,7 +97,7 @@ inline __m128i int8x8(const uint8_t* v, unsigned bits) {
 template <int Bytes>
 inline void byte_offsets(uint64_t bits, int64_t* offsets) {
   offsets[0] = 0;
-  for (int j = 1; j < Bytes; ++j) offsets[j] = _mm_popcnt_u64(bits & ((uint64_t{1} << (8 * j)) - 1));
+  for (int j = 1; j < Bytes; ++j) offsets[j] = _mm_popcnt_u64(_bzhi_u64(bits, 8 * j));
 }
 
 // Rows [b*kRows, b*kRows + kRows) of y for activation rows [m0, m0 + MB). Each chunk holds, per row, C columns:
@@ -158,8 +160,8 @@ bool block(const Problem& p, int64_t b, int64_t m0) {
         if constexpr (Int8) {
           __m256i w;
           if constexpr (Sparse) {
-            const __m128i lo = int8x8(row[r] + off[2 * s], (bits[r] >> (16 * s)) & 0xFF);
-            const __m128i hi = int8x8(row[r] + off[2 * s + 1], (bits[r] >> (16 * s + 8)) & 0xFF);
+            const __m128i lo = int8x8(row[r] + off[2 * s], bits[r], 2 * s);
+            const __m128i hi = int8x8(row[r] + off[2 * s + 1], bits[r], 2 * s + 1);
             w = _mm256_cvtepi8_epi16(_mm_unpacklo_epi64(lo, hi));
           } else {
             w = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row[r] + 16 * s)));
@@ -230,8 +232,13 @@ bool blocks(const Problem& p, int64_t b0, int64_t b1) {
     const int64_t t1 = std::min(p.M, t + kTileRows);
     for (int64_t b = b0; b < b1 && ok; ++b) {
       int64_t m = t;
-      for (; m + 2 <= t1; m += 2) ok &= block<Int8, Sparse, 2>(p, b, m);
-      if (m < t1) ok &= block<Int8, Sparse, 1>(p, b, m);
+      for (; m + 4 <= t1; m += 4) ok &= block<Int8, Sparse, 4>(p, b, m);
+      switch (t1 - m) {
+        case 3: ok &= block<Int8, Sparse, 3>(p, b, m); break;
+        case 2: ok &= block<Int8, Sparse, 2>(p, b, m); break;
+        case 1: ok &= block<Int8, Sparse, 1>(p, b, m); break;
+        default: break;
+      }
     }
   }
   return ok;
