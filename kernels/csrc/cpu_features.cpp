@@ -20,14 +20,15 @@ struct Named {
 
 constexpr Named kFeatureNames[] = {
     {"avx2", kAvx2},          {"fma", kFma},
-    {"f16c", kF16c},          {"avx512f", kAvx512F},
+    {"f16c", kF16c},          {"bmi2", kBmi2},
+    {"avx512f", kAvx512F},
     {"avx512bw", kAvx512BW},  {"avx512vl", kAvx512VL},
     {"avx512_vbmi2", kAvx512Vbmi2}, {"avx512_vnni", kAvx512Vnni},
     {"avx512_bf16", kAvx512Bf16}, {"amx_tile", kAmxTile},
     {"amx_bf16", kAmxBf16},   {"amx_int8", kAmxInt8},
 };
 
-constexpr int64_t kAvx2Needs = kAvx2 | kFma | kF16c;
+constexpr int64_t kAvx2Needs = kAvx2 | kFma | kF16c | kBmi2;
 constexpr int64_t kAvx512Needs = kAvx2Needs | kAvx512F | kAvx512BW | kAvx512VL | kAvx512Vbmi2 | kAvx512Vnni | kAvx512Bf16;
 constexpr Named kPaths[] = {  // in KernelPath order
     {"reference", 0},
@@ -58,6 +59,7 @@ int64_t detect() {
     if (ebx7 & (1u << 5)) features |= kAvx2;
     if (ecx1 & (1u << 12)) features |= kFma;
     if (ecx1 & (1u << 29)) features |= kF16c;
+    if (ebx7 & (1u << 8)) features |= kBmi2;
   }
   if (os_avx512) {
     if (ebx7 & (1u << 16)) features |= kAvx512F;

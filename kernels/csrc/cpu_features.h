@@ -20,6 +20,7 @@ enum CpuFeature : int64_t {
   kAmxTile = 1 << 9,  // set only when the OS granted tile-data permission to this process
   kAmxBf16 = 1 << 10,
   kAmxInt8 = 1 << 11,
+  kBmi2 = 1 << 12,
 };
 
 // The kernel paths, worst to best; isa=auto takes the best one the CPU has (AMX only from kAmxRows rows of x).

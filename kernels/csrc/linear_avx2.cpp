@@ -1,4 +1,4 @@
-// AVX2 path of the linear kernels (AVX2 + FMA, no AVX-512), any M, on the same prepacked layout as the AVX-512 path.
+// AVX2 path of the linear kernels (AVX2, FMA, BMI2; no AVX-512), any M, on the same prepacked layout as the AVX-512 path.
 //
 // Bitmap expansion without vpexpand: each mask byte covers 8 columns, and a 256-entry table holds, per mask byte, the
 // byte shuffle that moves the row's next popcount(byte) values into those columns (zeros elsewhere); popcount then
