@@ -3,8 +3,8 @@
 // A tile = 16 weight rows (4 blocks of packed_format.h) x one chunk: 32 bf16 or 64 int8 columns, 64 bytes a row,
 // expand-loaded from the bitmap exactly as the AVX-512 path does (or copied, for dense). B tile = 16 activation rows
 // of the same chunk in VNNI order, packed once per call by linear.cpp. C tile = [16 weight rows x 16 activation rows]
-// of fp32 (tdpbf16ps) or int32 (tdpbsud: signed weights, unsigned activations); the int8 epilogue is the AVX-512
-// path's, so both give the same numbers. Up to 64 activation rows, one pass of 4 C tiles per weight group, the A
+// of fp32 (tdpbf16ps) or int32 (tdpbsud: signed weights, unsigned activations); the int8 epilogue is every path's
+// (store_output), so all give the same numbers. Up to 64 activation rows, one pass of 4 C tiles per weight group, the A
 // tiles are expanded chunk by chunk into L1 as they are used; for more, a group is expanded whole once per panel of
 // 256 activation rows into a buffer that stays in L2, then reused by every 4 C tiles of the panel.
 // Tiles: 0-3 accumulators, 4 weights, 5-7 activations. Intel SDM vol. 1 ch. 18 / the AMX intrinsics guide.
@@ -148,21 +148,11 @@ bool group_tiles(const Problem& p, int64_t g, const uint8_t* a, int64_t t0, uint
     const int64_t ms = p.M - m0 < 16 ? p.M - m0 : 16;
     const float* cf = scratch + j * 256;
     const int32_t* ci = reinterpret_cast<const int32_t*>(cf);
-    for (int64_t i = 0; i < ms; ++i) {
-      const int64_t m = m0 + i;
-      float* y = p.y + m * p.N + n0;
+    for (int64_t i = 0; i < ms; ++i)
       for (int64_t r = 0; r < rows; ++r) {
-        const int64_t n = n0 + r;
-        float out;
-        if constexpr (Int8) {
-          const int32_t dot = ci[r * 16 + i] - p.x_zero[m] * p.row_sums[n];
-          out = p.x_scale[m] * p.weight_scale[n] * static_cast<float>(dot);
-        } else {
-          out = cf[r * 16 + i];
-        }
-        y[r] = p.bias ? out + p.bias[n] : out;
+        if constexpr (Int8) store_output(p, m0 + i, n0 + r, ci[r * 16 + i]);
+        else store_output(p, m0 + i, n0 + r, cf[r * 16 + i]);
       }
-    }
   }
   return true;
 }

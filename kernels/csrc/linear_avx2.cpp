@@ -1,17 +1,19 @@
-// AVX2 path of the linear kernels (AVX2, FMA, BMI2; no AVX-512), any M, on the same prepacked layout as the AVX-512 path.
+// AVX2 path of the linear kernels (AVX2, FMA, BMI2; no AVX-512), any M, on the AVX-512 path's prepacked layout.
 //
 // Bitmap expansion without vpexpand: each mask byte covers 8 columns, and a 256-entry table holds, per mask byte, the
-// byte shuffle that moves the row's next popcount(byte) values into those columns (zeros elsewhere); popcount then
-// places them. bf16: 8 values (16 bytes, broadcast to both 128-bit lanes) go by one vpshufb
-// straight into the high halves of 8 fp32 lanes, so the shuffle also widens. Where each byte's values start is the
-// popcount of the mask bits below it (independent popcounts, not a chain). int8: two mask bytes give 16 values,
+// byte shuffle that moves the row's next popcount(byte) values into those columns (zeros elsewhere). Where each
+// byte's values start is the popcount of the mask bits below it (independent popcounts, not a chain). bf16: 8 values
+// (16 bytes, broadcast to both 128-bit lanes) go by one vpshufb straight into the high halves of 8 fp32 lanes, so the
+// shuffle also widens. int8: two mask bytes give 16 values,
 // sign-extended to int16 and multiplied with the int16-widened uint8 activations by vpmaddwd into int32 lanes: two
 // products of at most 255 * 128 per lane and step, so it cannot saturate (vpmaddubsw adds two u8 * s8 products into
-// int16 and would: 2 * 255 * 127 > 32767). Per block of kRows output rows, 1 or 2 activation rows at a time (16 ymm
-// registers: 8 accumulators, the activations, the weights), 64 at a time through the block's weights (L1).
+// int16 and would: 2 * 255 * 127 > 32767). Rows outer, steps inner, so only one output row's accumulators (one per
+// activation row, up to 4) are live: 16 ymm registers suffice. The walk over blocks and activation rows is
+// block_walk.h's.
 #include <algorithm>
 #include <cstring>
 
+#include "block_walk.h"
 #include "linear_kernels.h"
 #include "packed_format.h"
 
@@ -19,7 +21,6 @@ namespace sparamx {
 namespace {
 
 constexpr int64_t kPrefetchBytes = 4096;  // as the AVX-512 path's (linear_avx512.cpp)
-constexpr int64_t kTileRows = 64;         // activation rows per pass over the weights
 
 struct ExpandTables {
   // Mask byte -> vpshufb control for 16 bytes (8 bf16) broadcast to both lanes: fp32 lane j gets the next value's
@@ -104,7 +105,7 @@ inline void byte_offsets(uint64_t bits, int64_t* offsets) {
 // kSteps steps of 8 (bf16) or 16 (int8) columns. A bitmap block whose masks ask for more values than the block
 // holds, or fewer, returns false before reading past it.
 template <bool Int8, bool Sparse, int MB>
-bool block(const Problem& p, int64_t b, int64_t m0) {
+bool block_rows(const Problem& p, int64_t b, int64_t m0) {
   using Acc = std::conditional_t<Int8, __m256i, __m256>;
   constexpr int MaskBytes = Int8 ? 8 : 4;
   constexpr int64_t C = Int8 ? 64 : 32, E = Int8 ? 1 : 2, Step = Int8 ? 16 : 8;
@@ -183,25 +184,16 @@ bool block(const Problem& p, int64_t b, int64_t m0) {
   }
   if (Sparse && v != end) return false;
   const int64_t rows = std::min(kRows, p.N - b * kRows);
-  for (int i = 0; i < MB; ++i) {
-    float* y = p.y + (m0 + i) * p.N + b * kRows;
+  for (int i = 0; i < MB; ++i)
     for (int r = 0; r < rows; ++r) {
-      const int64_t n = b * kRows + r;
-      float out;
-      if constexpr (Int8) {
-        const int32_t dot = hsum(acc[i][r]) - p.x_zero[m0 + i] * p.row_sums[n];
-        out = p.x_scale[m0 + i] * p.weight_scale[n] * static_cast<float>(dot);
-      } else {
-        out = hsum(acc[i][r]);
-      }
-      y[r] = p.bias ? out + p.bias[n] : out;
+      if constexpr (Int8) store_output(p, m0 + i, b * kRows + r, static_cast<int32_t>(hsum(acc[i][r])));
+      else store_output(p, m0 + i, b * kRows + r, hsum(acc[i][r]));
     }
-  }
   return true;
 }
 
 template <bool Sparse>
-bool unpack_block(const Problem& p, int64_t b, float* out) {
+bool unpack_rows(const Problem& p, int64_t b, float* out) {
   const uint8_t* v = Sparse ? p.values + p.block_offsets[b] * 2 : p.values + b * p.KC * kRows * 64;
   const uint8_t* end = Sparse ? p.values + p.block_offsets[b + 1] * 2 : nullptr;
   const uint8_t* mk = Sparse ? p.masks + b * p.KC * kRows * 4 : nullptr;
@@ -225,35 +217,21 @@ bool unpack_block(const Problem& p, int64_t b, float* out) {
 
 #pragma GCC pop_options
 
-template <bool Int8, bool Sparse>
-bool blocks(const Problem& p, int64_t b0, int64_t b1) {
-  bool ok = true;
-  for (int64_t t = 0; t < p.M; t += kTileRows) {
-    const int64_t t1 = std::min(p.M, t + kTileRows);
-    for (int64_t b = b0; b < b1 && ok; ++b) {
-      int64_t m = t;
-      for (; m + 4 <= t1; m += 4) ok &= block<Int8, Sparse, 4>(p, b, m);
-      switch (t1 - m) {
-        case 3: ok &= block<Int8, Sparse, 3>(p, b, m); break;
-        case 2: ok &= block<Int8, Sparse, 2>(p, b, m); break;
-        case 1: ok &= block<Int8, Sparse, 1>(p, b, m); break;
-        default: break;
-      }
-    }
+struct Avx2 {
+  template <bool Int8, bool Sparse, int MB>
+  static bool block(const Problem& p, int64_t b, int64_t m0) {
+    return block_rows<Int8, Sparse, MB>(p, b, m0);
   }
-  return ok;
-}
+  template <bool Sparse>
+  static bool unpack(const Problem& p, int64_t b, float* out) {
+    return unpack_rows<Sparse>(p, b, out);
+  }
+};
 
 }  // namespace
 
-bool avx2_blocks(const Problem& p, int64_t b0, int64_t b1) {
-  const bool sparse = p.masks != nullptr;
-  if (p.row_sums) return sparse ? blocks<true, true>(p, b0, b1) : blocks<true, false>(p, b0, b1);
-  return sparse ? blocks<false, true>(p, b0, b1) : blocks<false, false>(p, b0, b1);
-}
+bool avx2_blocks(const Problem& p, int64_t b0, int64_t b1) { return walk_blocks<Avx2>(p, b0, b1); }
 
-bool avx2_unpack_block(const Problem& p, int64_t b, float* out) {
-  return p.masks ? unpack_block<true>(p, b, out) : unpack_block<false>(p, b, out);
-}
+bool avx2_unpack_block(const Problem& p, int64_t b, float* out) { return unpack_block<Avx2>(p, b, out); }
 
 }  // namespace sparamx

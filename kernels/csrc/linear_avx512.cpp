@@ -2,11 +2,11 @@
 // register of weights per row -- expand-loaded (vpexpandw / vpexpandb) from the row's next popcount(mask) values for
 // the bitmap format, a plain load for dense -- then for each of up to 4 activation rows one load and kRows dot
 // products (two FMAs of bf16 widened to fp32, or vpdpbusd of uint8 activations with int8 weights into int32 lanes).
-// Activation rows are taken 64 at a time (they stay in L2) and, within one block, 4 at a time (the block's weights
-// stay in L1), so weights stream from memory once per 64 rows of x.
+// The walk over blocks and activation rows is block_walk.h's.
 #include <cstring>
 #include <type_traits>
 
+#include "block_walk.h"
 #include "linear_kernels.h"
 #include "packed_format.h"
 // Last: see isa_intrinsics.h.
@@ -18,14 +18,13 @@ namespace {
 // Software prefetch distance into the weight stream, in bytes. Measured on 2 cores streaming from DRAM: without it
 // the bitmap kernels reached ~62% of the read bandwidth, at 2 KiB ~80%, at 4 KiB ~85-90% (eval/results/kernels.md).
 constexpr int64_t kPrefetchBytes = 4096;
-constexpr int64_t kTileRows = 64;  // activation rows per pass over the weights
 
 SPARAMX_AVX512_BEGIN
 
 // Rows [b*kRows, b*kRows + kRows) of y for activation rows [m0, m0 + MB). A bitmap block whose masks ask for more
 // values than the block holds, or fewer, returns false before reading past it.
 template <bool Int8, bool Sparse, int MB>
-bool block(const Problem& p, int64_t b, int64_t m0) {
+bool block_rows(const Problem& p, int64_t b, int64_t m0) {
   using Acc = std::conditional_t<Int8, __m512i, __m512>;
   constexpr int64_t C = Int8 ? 64 : 32, E = Int8 ? 1 : 2, MaskBytes = C / 8;
   Acc acc[MB][kRows];
@@ -104,26 +103,17 @@ bool block(const Problem& p, int64_t b, int64_t m0) {
   }
   if (Sparse && v != end) return false;
   const int64_t rows = std::min(kRows, p.N - b * kRows);
-  for (int i = 0; i < MB; ++i) {
-    float* y = p.y + (m0 + i) * p.N + b * kRows;
+  for (int i = 0; i < MB; ++i)
     for (int r = 0; r < rows; ++r) {
-      const int64_t n = b * kRows + r;
-      float out;
-      if constexpr (Int8) {
-        const int32_t dot = _mm512_reduce_add_epi32(acc[i][r]) - p.x_zero[m0 + i] * p.row_sums[n];
-        out = p.x_scale[m0 + i] * p.weight_scale[n] * static_cast<float>(dot);
-      } else {
-        out = _mm512_reduce_add_ps(acc[i][r]);
-      }
-      y[r] = p.bias ? out + p.bias[n] : out;
+      if constexpr (Int8) store_output(p, m0 + i, b * kRows + r, static_cast<int32_t>(_mm512_reduce_add_epi32(acc[i][r])));
+      else store_output(p, m0 + i, b * kRows + r, _mm512_reduce_add_ps(acc[i][r]));
     }
-  }
   return true;
 }
 
 // bf16 block b as fp32 rows [b*kRows, b*kRows + kRows) of `out` (row stride Kp floats), for the prefill GEMM.
 template <bool Sparse>
-bool unpack_block(const Problem& p, int64_t b, float* out) {
+bool unpack_rows(const Problem& p, int64_t b, float* out) {
   const uint8_t* v = Sparse ? p.values + p.block_offsets[b] * 2 : p.values + b * p.KC * kRows * 64;
   const uint8_t* end = Sparse ? p.values + p.block_offsets[b + 1] * 2 : nullptr;
   const uint8_t* mk = Sparse ? p.masks + b * p.KC * kRows * 4 : nullptr;
@@ -153,35 +143,21 @@ bool unpack_block(const Problem& p, int64_t b, float* out) {
 
 SPARAMX_ISA_END
 
-template <bool Int8, bool Sparse>
-bool blocks(const Problem& p, int64_t b0, int64_t b1) {
-  bool ok = true;
-  for (int64_t t = 0; t < p.M; t += kTileRows) {
-    const int64_t t1 = std::min(p.M, t + kTileRows);
-    for (int64_t b = b0; b < b1 && ok; ++b) {
-      int64_t m = t;
-      for (; m + 4 <= t1; m += 4) ok &= block<Int8, Sparse, 4>(p, b, m);
-      switch (t1 - m) {
-        case 3: ok &= block<Int8, Sparse, 3>(p, b, m); break;
-        case 2: ok &= block<Int8, Sparse, 2>(p, b, m); break;
-        case 1: ok &= block<Int8, Sparse, 1>(p, b, m); break;
-        default: break;
-      }
-    }
+struct Avx512 {
+  template <bool Int8, bool Sparse, int MB>
+  static bool block(const Problem& p, int64_t b, int64_t m0) {
+    return block_rows<Int8, Sparse, MB>(p, b, m0);
   }
-  return ok;
-}
+  template <bool Sparse>
+  static bool unpack(const Problem& p, int64_t b, float* out) {
+    return unpack_rows<Sparse>(p, b, out);
+  }
+};
 
 }  // namespace
 
-bool avx512_blocks(const Problem& p, int64_t b0, int64_t b1) {
-  const bool sparse = p.masks != nullptr;
-  if (p.row_sums) return sparse ? blocks<true, true>(p, b0, b1) : blocks<true, false>(p, b0, b1);
-  return sparse ? blocks<false, true>(p, b0, b1) : blocks<false, false>(p, b0, b1);
-}
+bool avx512_blocks(const Problem& p, int64_t b0, int64_t b1) { return walk_blocks<Avx512>(p, b0, b1); }
 
-bool avx512_unpack_block(const Problem& p, int64_t b, float* out) {
-  return p.masks ? unpack_block<true>(p, b, out) : unpack_block<false>(p, b, out);
-}
+bool avx512_unpack_block(const Problem& p, int64_t b, float* out) { return unpack_block<Avx512>(p, b, out); }
 
 }  // namespace sparamx

@@ -29,6 +29,18 @@ struct Problem {
   float* y;                       // [M, N]
 };
 
+// The epilogue every path shares: y[m][n] from its sum of products plus the bias; for int8 the sum is the exact
+// integer dot product, less the zero point times the row's weight sum, times both scales. (Built without floating-
+// point contraction, so every path and build rounds it the same.)
+inline void store_output(const Problem& p, int64_t m, int64_t n, float sum) {
+  p.y[m * p.N + n] = p.bias ? sum + p.bias[n] : sum;
+}
+
+inline void store_output(const Problem& p, int64_t m, int64_t n, int32_t dot) {
+  const int32_t exact = dot - p.x_zero[m] * p.row_sums[n];
+  store_output(p, m, n, p.x_scale[m] * p.weight_scale[n] * static_cast<float>(exact));
+}
+
 // Rows [b0 * kRows, b1 * kRows) of y, for every row of x. False when a bitmap block's masks ask for more values than
 // block_offsets gives it, or fewer (checked before reading past the block).
 bool avx512_blocks(const Problem& p, int64_t b0, int64_t b1);
