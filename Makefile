@@ -77,7 +77,7 @@ bench: install  ## decode benchmark, stock transformers vs our runtime per recip
 bench-kernels: install  ## kernel microbenchmark at Llama-3-8B shapes -> eval/results/kernels.*; ISA=avx2 forces a path -> kernels-avx2.*
 	$(PY) -m sparamx.eval.bench_kernels --out eval/results $(if $(ISA),--isa $(ISA))
 
-bench-crossover: install  ## AVX-512 vs AMX vs torch bf16 by rows of x (needs AVX-512; AMX for its column) -> eval/results/crossover.*
+bench-crossover: install  ## each SIMD path (AVX2, AVX-512, AMX where present) vs torch bf16 by rows of x, in cache -> eval/results/crossover.*
 	$(PY) -m sparamx.eval.bench_crossover --out eval/results
 
 quality: install  ## ruff lint and format check

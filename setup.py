@@ -15,7 +15,7 @@ CSRC = sorted(str(p) for p in Path("kernels/csrc").glob("*.cpp"))
 setup(
     name="sparamx",
     version="0.1.0",
-    description="Sparse + INT8 compression of LLMs and AMX/AVX-512 kernels that run them on Intel CPUs",
+    description="Sparse + INT8 compression of LLMs and the AVX2 / AVX-512 / AMX kernels that run them on x86-64 CPUs",
     python_requires=">=3.10",
     packages=["sparamx", "sparamx.pipeline", "sparamx.kernels", "sparamx.eval"],
     package_dir={
@@ -28,8 +28,8 @@ setup(
         CppExtension(
             "sparamx.kernels._C",
             CSRC,
-            # No contraction of a * b + c into an FMA outside the intrinsics: the int8 epilogue then rounds the same on every
-            # path and in the emulated test build (tests/kernels/emulated.py), so all give the same numbers.
+            # No contraction of a * b + c into an FMA outside the intrinsics: the int8 epilogue then rounds the same
+            # on every path and in the emulated test build (tests/kernels/emulated.py), so all give the same numbers.
             extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off"],
             extra_link_args=["-fopenmp"],
             py_limited_api=True,

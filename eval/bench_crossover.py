@@ -1,7 +1,8 @@
-"""Where AMX tiles overtake the AVX-512 kernel: every format on each forced path beside torch bf16, by rows of x.
+"""Where AMX tiles overtake the register kernels: every format on each SIMD path the CPU has (avx2, avx512, amx),
+forced, beside torch bf16, by rows of x.
 
 Weights stay in cache here (one copy, repeated calls): this sets the crossover (kAmxRows in csrc/linear.cpp), it
-is no bandwidth claim (eval/bench_kernels.py is). Needs a CPU with AMX for the amx column.
+is no bandwidth claim (eval/bench_kernels.py is). Runs on any x86-64 CPU; the amx column needs AMX.
 
     python -m sparamx.eval.bench_crossover --out eval/results
 """
@@ -56,7 +57,7 @@ def measure(threads: int, shapes, ms, repeats: int, isas) -> list[dict]:
             row["torch_bf16_ms"] = 1e3 * median_seconds(lambda: F.linear(x, dense_bf16), repeats)  # noqa: B023
             for name, (op, packed, scale) in formats.items():
                 for isa in isas:
-                    if isa == "avx512" and name.endswith("int8") and m > 256:
+                    if isa != "amx" and name.endswith("int8") and m > 256:
                         continue  # no register blocking over M: minutes at this size, and never chosen there
                     run = lambda: op(x, *packed, n, k, scale, None, isa)  # noqa: B023, E731
                     row[f"{name} {isa}"] = 1e3 * median_seconds(run, repeats)
@@ -66,7 +67,7 @@ def measure(threads: int, shapes, ms, repeats: int, isas) -> list[dict]:
 
 
 def markdown(rows, cpu: str) -> str:
-    isas = [i for i in ("avx512", "amx") if any(f"bitmap bf16 {i}" in r for r in rows)]
+    isas = [i for i in ("avx2", "avx512", "amx") if any(f"bitmap bf16 {i}" in r for r in rows)]
     cols = [f"{f} {i}" for f in FORMATS for i in isas]
     lines = [
         f"CPU: {cpu}. Each cell: torch F.linear bf16 time / our op's time (above 1 = faster than torch), median of",
@@ -91,9 +92,9 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
     shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes]
-    isas = [i for i in ("avx512", "amx") if i in ops.available_isas()]
+    isas = [i for i in ops.available_isas() if i != "reference"]
     if not isas:
-        parser.error("this CPU has neither the AVX-512 kernels nor AMX: there is no crossover to measure")
+        parser.error("this CPU has none of our SIMD paths (not even AVX2): there is nothing to measure")
     rows = [row for t in args.threads for row in measure(t, shapes, args.ms, args.repeats, isas)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

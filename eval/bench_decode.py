@@ -311,8 +311,9 @@ def main(argv=None, prog=None) -> int:
         default=list(RUNTIMES) + (list(bench_llamacpp.PEERS) if bench_llamacpp.available() else []),
         choices=list(RUNTIMES) + list(bench_llamacpp.PEERS),
         metavar="RUNTIME",
-        help=f"any of: {'; '.join([*RUNTIMES, *bench_llamacpp.PEERS])} (default: all; the llama.cpp ones when "
-        "llama-cpp-python is installed: make install-bench)",
+        # argparse %-formats help strings: the runtimes' own % signs are escaped.
+        help=f"any of: {'; '.join([*RUNTIMES, *bench_llamacpp.PEERS]).replace('%', '%%')} (default: all; the "
+        "llama.cpp ones when llama-cpp-python is installed: make install-bench)",
     )
     parser.add_argument("--layers", type=int, default=2, help="decoder layers of the Llama-3-8B-shaped model")
     parser.add_argument(

@@ -29,6 +29,13 @@ def test_help_explains_each_command():
     assert "--recipe" in prune.stdout and "llama-3-8b" in prune.stdout and "--calib" in prune.stdout
 
 
+@pytest.mark.parametrize("command", ["prune", "inspect", "generate", "info", "eval", "bench"])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0 and "usage:" in capsys.readouterr().out
+
+
 def test_info_reports_the_detected_path(capsys):
     from sparamx.kernels import ops
 

@@ -277,6 +277,18 @@ def test_isa_selection(monkeypatch):
                 case.run(x, name)
 
 
+def test_our_cpu_detection_agrees_with_torch():
+    """Our cpuid (needed in C++, and finer: VBMI2, BF16, tile permission) never contradicts what torch detects."""
+    capability = torch.backends.cpu.get_cpu_capability()  # DEFAULT | AVX2 | AVX512; ATEN_CPU_CAPABILITY only lowers it
+    if capability in ("AVX2", "AVX512"):
+        assert "avx2" in ops.available_isas()
+    if capability == "AVX512":
+        assert {"avx512f", "avx512bw", "avx512vl"} <= set(ops.cpu_features())
+    if "amx_tile" in ops.cpu_features():
+        assert torch.cpu._is_amx_tile_supported()
+    assert ops.describe_isa() == ops.available_isas()[-1] or ops.describe_isa().startswith("amx from")
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_auto_picks_a_path_that_agrees_with_each_forced_one(fmt):
     """isa=auto switches path with the rows of x (AMX tiles from amx_min_rows() where present): every size of x gives
