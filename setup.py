@@ -17,13 +17,15 @@ setup(
     version="0.1.0",
     description="Sparse + INT8 compression of LLMs and the AVX2 / AVX-512 / AMX kernels that run them on x86-64 CPUs",
     python_requires=">=3.10",
-    packages=["sparamx", "sparamx.pipeline", "sparamx.kernels", "sparamx.eval"],
+    packages=["sparamx", "sparamx.pipeline", "sparamx.kernels", "sparamx.eval", "sparamx.recipes"],
     package_dir={
         "sparamx": "sparamx",
         "sparamx.pipeline": "pipeline",
         "sparamx.kernels": "kernels",
         "sparamx.eval": "eval",
+        "sparamx.recipes": "recipes",  # found by name from any directory (pipeline/recipe.py)
     },
+    package_data={"sparamx.recipes": ["*.yaml"]},
     ext_modules=[
         CppExtension(
             "sparamx.kernels._C",

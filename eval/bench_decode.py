@@ -117,7 +117,7 @@ def prepare(model: str, runtimes: list[str], layers: int, cache: Path) -> dict[s
         if recipe in INLINE_RECIPES:
             spec = Recipe.from_dict({"name": recipe, **INLINE_RECIPES[recipe]})
         else:
-            spec = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / f"{recipe}.yaml")
+            spec = load_recipe(recipe)
         if not _cached_with(out, spec):
             sparamx.compress(source, spec, out=out, overwrite=True)
         paths[runtime] = str(out)

@@ -7,6 +7,7 @@ import dataclasses
 import re
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import yaml
@@ -197,11 +198,31 @@ class Recipe:
         return _build(cls, data, "")
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Parse a recipe file; every error names the file and the key at fault."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"{path}: recipe file not found")
+DEFAULT_RECIPE = "wanda-50"
+
+
+def shipped_recipes() -> dict[str, Path]:
+    """The recipes installed with the package (recipes/ of the source tree, as sparamx.recipes), by name."""
+    folder = resources.files("sparamx.recipes")
+    return {Path(f.name).stem: Path(str(f)) for f in folder.iterdir() if f.name.endswith(".yaml")}
+
+
+def recipe_path(recipe: str | Path) -> Path:
+    """A recipe file as given, else the shipped recipe of that name ("wanda-50", "wanda-50.yaml" and
+    "recipes/wanda-50.yaml" all name it, from any directory)."""
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    shipped = shipped_recipes()
+    if path.stem in shipped and (path.parent == Path(".") or path.parent.name == "recipes"):
+        return shipped[path.stem]
+    names = ", ".join(sorted(shipped))
+    raise RecipeError(f"{recipe}: no such recipe file, and no shipped recipe of that name ({names})")
+
+
+def load_recipe(recipe: str | Path) -> Recipe:
+    """Parse a recipe file, or a shipped recipe by name; every error names the file and the key at fault."""
+    path = recipe_path(recipe)
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:

@@ -13,7 +13,7 @@ from .errors import ArtifactError
 from .layerwise import prune_layerwise
 from .models import load_config, load_model, load_tokenizer, output_linear_name, resolve_model
 from .quantizing import quantize_weights
-from .recipe import Recipe, load_recipe
+from .recipe import DEFAULT_RECIPE, Recipe, load_recipe
 from .smoothing import smooth_layerwise
 from .textdata import calibration_windows, load_documents
 
@@ -25,7 +25,7 @@ def default_out(model: str, recipe: Recipe) -> Path:
 
 def compress(
     model: str | None = None,
-    recipe: str | Path | Recipe = "recipes/wanda-50.yaml",
+    recipe: str | Path | Recipe = DEFAULT_RECIPE,
     out: str | Path | None = None,
     calib: str | Path | None = None,
     overwrite: bool = False,

@@ -1,7 +1,7 @@
 """SparAMX: compress Hugging Face causal LMs (pruning, bitmap packing) and run them on our CPU kernels.
 
 model, tokenizer = sparamx.load("artifacts/smollm2-135m-wanda-50")
-report = sparamx.compress("smollm2-135m", recipe="recipes/wanda-50.yaml", out="artifacts/...")
+report = sparamx.compress("smollm2-135m", recipe="wanda-50", out="artifacts/...")
 """
 
 __version__ = "0.1.0"
@@ -17,7 +17,7 @@ def load(path, dtype=None, verify: bool = True, kernels: bool | None = None):
     return _load(path, dtype=dtype or torch.bfloat16, verify=verify, kernels=kernels)
 
 
-def compress(model=None, recipe="recipes/wanda-50.yaml", out=None, calib=None, overwrite=False, progress=True):
+def compress(model=None, recipe="wanda-50", out=None, calib=None, overwrite=False, progress=True):
     """Run a recipe on a model and write the artifact; returns a report dict."""
     from .pipeline.runner import compress as _compress
 

@@ -7,10 +7,12 @@ import time
 
 from . import __version__
 from .pipeline.errors import SparamxError
+from .pipeline.recipe import DEFAULT_RECIPE, shipped_recipes
 
 EPILOG = """examples:
-  sparamx prune --model smollm2-135m --recipe recipes/wanda-50.yaml
-  sparamx prune --model meta-llama/Meta-Llama-3-8B --recipe recipes/wanda-2of4.yaml --out artifacts/llama3-2of4
+  sparamx prune --model smollm2-135m --recipe wanda-50
+  sparamx prune --model meta-llama/Meta-Llama-3-8B --recipe wanda-2of4 --out artifacts/llama3-2of4
+  sparamx prune --model smollm2-135m --recipe my-recipe.yaml
   sparamx inspect artifacts/smollm2-135m-wanda-50
   sparamx generate artifacts/smollm2-135m-wanda-50 --prompt "The capital of France is"
   sparamx generate artifacts/smollm2-135m-wanda-50 --chat --prompt "What is the capital of France?"
@@ -153,7 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="alias (smollm2-135m, llama-3-8b, llama-3.1-8b, llama-2-7b), hub id, model directory "
         "or .gguf file (default: smollm2-135m, works offline)",
     )
-    prune.add_argument("--recipe", default="recipes/wanda-50.yaml", help="recipe YAML (default: %(default)s)")
+    prune.add_argument(
+        "--recipe",
+        default=DEFAULT_RECIPE,
+        help=f"a recipe YAML file, or a shipped recipe's name: {', '.join(sorted(shipped_recipes()))} "
+        "(default: %(default)s)",
+    )
     prune.add_argument("--out", help="artifact directory (default: artifacts/<model>-<recipe>)")
     prune.add_argument(
         "--calib",

@@ -69,7 +69,7 @@ def test_generate_prints_a_completion_and_speed(artifact):
     "args, message",
     [
         (["inspect", "/nonexistent/artifact"], "artifact directory not found"),
-        (["prune", "--recipe", "/nonexistent.yaml"], "recipe file not found"),
+        (["prune", "--recipe", "/nonexistent.yaml"], "/nonexistent.yaml: no such recipe file"),
         (["prune", "--model", "/nonexistent/model"], "no such model directory"),
     ],
 )

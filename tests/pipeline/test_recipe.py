@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from sparamx.pipeline.errors import RecipeError
-from sparamx.pipeline.recipe import PruneConfig, Recipe, load_recipe
+from sparamx.pipeline.recipe import DEFAULT_RECIPE, PruneConfig, Recipe, load_recipe, shipped_recipes
 
 RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
 
@@ -80,8 +80,21 @@ def test_bad_recipes_name_file_and_key(tmp_path, text, message):
 
 
 def test_missing_recipe_file(tmp_path):
-    with pytest.raises(RecipeError, match="recipe file not found"):
+    with pytest.raises(RecipeError, match="nope.yaml: no such recipe file, and no shipped recipe of that name"):
         load_recipe(tmp_path / "nope.yaml")
+    with pytest.raises(RecipeError, match="wanda-51: no such recipe file.*wanda-50"):
+        load_recipe("wanda-51")
+
+
+def test_shipped_recipes_are_found_by_name_from_any_directory(tmp_path, monkeypatch):
+    """The installed package carries its recipes: a name, or the checkout-relative path, works outside the checkout;
+    a file of the same name in the working directory wins."""
+    assert set(shipped_recipes()) == {p.stem for p in RECIPES}
+    monkeypatch.chdir(tmp_path)
+    for name in ("wanda-50", "wanda-50.yaml", "recipes/wanda-50.yaml", DEFAULT_RECIPE):
+        assert load_recipe(name) == load_recipe(RECIPES[[p.stem for p in RECIPES].index("wanda-50")])
+    write(tmp_path, "prune: {method: magnitude, sparsity: 0.3}", name="wanda-50.yaml")
+    assert load_recipe("wanda-50.yaml").prune.sparsity == 0.3
 
 
 def test_per_layer_ratios_first_match_wins():
