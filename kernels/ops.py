@@ -62,7 +62,19 @@ def dense_linear(
     return torch.ops.sparamx.dense_linear.default(x, *packed, out_features, in_features, weight_scale, bias, isa())
 
 
-ROWS_PER_BLOCK = 4  # kRows of csrc/packed_format.h
+@functools.cache
+def packed_layout() -> tuple[int, int, int]:
+    """(output rows per block, bf16 columns per chunk, int8 columns per chunk) of the prepacked layout
+    (csrc/packed_format.h), asked of the library so the fake kernels below never hold a copy."""
+    rows, bf16, int8 = torch.ops.sparamx.packed_layout.default()
+    return rows, bf16, int8
+
+
+def _blocks_and_chunks(rows: int, cols: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(blocks, chunks, chunk width) of a [rows, cols] weight of `dtype` in the prepacked layout."""
+    per_block, bf16, int8 = packed_layout()
+    chunk = int8 if dtype == torch.int8 else bf16
+    return -(-rows // per_block), -(-cols // chunk), chunk
 
 
 @functools.cache
@@ -155,23 +167,23 @@ def _(x, values, row_sums, out_features, in_features, weight_scale=None, bias=No
 
 @torch.library.register_fake("sparamx::bitmap_prepack")
 def _(compressed, bitmask, row_offsets, in_features):
-    chunk = 64 if compressed.dtype == torch.int8 else 32
-    blocks, chunks = -(-bitmask.shape[0] // ROWS_PER_BLOCK), -(-in_features // chunk)
+    per_block = packed_layout()[0]
+    blocks, chunks, chunk = _blocks_and_chunks(bitmask.shape[0], in_features, compressed.dtype)
     return (
         compressed.new_empty((compressed.shape[0] + chunk,)),
-        bitmask.new_empty((blocks, chunks, ROWS_PER_BLOCK * chunk // 8)),
+        bitmask.new_empty((blocks, chunks, per_block * chunk // 8)),
         row_offsets.new_empty((blocks + 1,)),
-        row_offsets.new_empty((blocks * ROWS_PER_BLOCK if compressed.dtype == torch.int8 else 0,), dtype=torch.int32),
+        row_offsets.new_empty((blocks * per_block if compressed.dtype == torch.int8 else 0,), dtype=torch.int32),
     )
 
 
 @torch.library.register_fake("sparamx::dense_prepack")
 def _(weight):
-    chunk = 64 if weight.dtype == torch.int8 else 32
-    blocks, chunks = -(-weight.shape[0] // ROWS_PER_BLOCK), -(-weight.shape[1] // chunk)
+    per_block = packed_layout()[0]
+    blocks, chunks, chunk = _blocks_and_chunks(weight.shape[0], weight.shape[1], weight.dtype)
     return (
-        weight.new_empty((blocks, chunks, ROWS_PER_BLOCK, chunk)),
-        weight.new_empty((blocks * ROWS_PER_BLOCK if weight.dtype == torch.int8 else 0,), dtype=torch.int32),
+        weight.new_empty((blocks, chunks, per_block, chunk)),
+        weight.new_empty((blocks * per_block if weight.dtype == torch.int8 else 0,), dtype=torch.int32),
     )
 
 

@@ -5,6 +5,7 @@
 
 #include "cpu_features.h"
 #include "linear_kernels.h"
+#include "packed_format.h"
 
 extern "C" {
 PyObject* PyInit__C(void) {
@@ -35,6 +36,10 @@ TORCH_LIBRARY(sparamx, m) {
   m.def("cpu_features() -> str[]", &sparamx::cpu_feature_names);
   m.def("kernel_paths() -> str[]", &sparamx::kernel_paths);
   m.def("kernel_path_needs(str path) -> str[]", &sparamx::kernel_path_needs);
+  // (output rows per block, bf16 columns per chunk, int8 columns per chunk) of the prepacked layout, for the fakes.
+  m.def("packed_layout() -> int[]", []() -> std::vector<int64_t> {
+    return {sparamx::kRows, sparamx::chunk_width(at::kBFloat16), sparamx::chunk_width(at::kChar)};
+  });
   // From how many rows of x isa=auto runs the AMX tiles (where the CPU has them).
   m.def("amx_min_rows() -> int", &sparamx::amx_min_rows);
 }
