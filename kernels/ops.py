@@ -108,11 +108,13 @@ def amx_min_rows() -> int:
     return torch.ops.sparamx.amx_min_rows.default()
 
 
+@functools.cache
 def path_needs(path: str) -> frozenset[str]:
     """The CPU features kernel path `path` needs."""
     return frozenset(torch.ops.sparamx.kernel_path_needs.default(path))
 
 
+@functools.cache
 def available_isas() -> tuple[str, ...]:
     """The kernel paths this CPU can run, worst to best."""
     return tuple(name for name in kernel_paths() if path_needs(name) <= set(cpu_features()))
