@@ -15,10 +15,12 @@ from pathlib import Path
 
 import torch
 
-from ..pipeline.artifact import cache_dir, last_artifact, read_manifest, update_manifest, write_text_atomic
+from ..pipeline.artifact_reader import read_manifest
+from ..pipeline.artifact_writer import update_manifest, write_text_atomic
 from ..pipeline.errors import SparamxError
 from ..pipeline.models import ModelSource, load_model, load_tokenizer
 from ..pipeline.recipe import Recipe
+from ..user_cache import cache_dir, last_artifact
 from .harness import MAX_LENGTH, default_tasks, evaluate
 
 # Metrics shown in the table and checked by a gate; lm-eval's other outputs (byte perplexity, ...) stay in the JSON.

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..kernels import ops
+from ..kernels import cpu_paths, ops
 from .bench_kernels import int8_rows
 
 FORMATS = ("bitmap bf16", "bitmap int8", "dense bf16", "dense int8")
@@ -92,13 +92,13 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
     shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes]
-    isas = [i for i in ops.available_isas() if i != "reference"]
+    isas = [i for i in cpu_paths.available_isas() if i != "reference"]
     if not isas:
         parser.error("this CPU has none of our SIMD paths (not even AVX2): there is nothing to measure")
     rows = [row for t in args.threads for row in measure(t, shapes, args.ms, args.repeats, isas)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cpu = ops.cpu_model()
+    cpu = cpu_paths.cpu_model()
     (out / "crossover.json").write_text(json.dumps({"cpu": cpu, "torch": torch.__version__, "rows": rows}, indent=1))
     (out / "crossover.md").write_text(markdown(rows, cpu))
     print(markdown(rows, cpu))

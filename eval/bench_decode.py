@@ -126,7 +126,7 @@ def prepare(model: str, runtimes: list[str], layers: int, cache: Path) -> dict[s
 
 def _cached_with(path: Path, spec) -> bool:
     """An artifact at `path` built by this very recipe (a recipe edited since then rebuilds it)."""
-    from ..pipeline.artifact import read_manifest
+    from ..pipeline.artifact_reader import read_manifest
     from ..pipeline.errors import ArtifactError
 
     try:
@@ -355,13 +355,13 @@ def main(argv=None, prog=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    from ..kernels import ops
+    from ..kernels import cpu_paths
 
     peers = [r for r in args.runtimes if r in bench_llamacpp.PEERS]
     meta = {
         "peer": bench_llamacpp.describe() if peers else "llama.cpp peer not run (make install-bench, then make bench)",
-        "cpu": ops.cpu_model(),
-        "kernel_path": ops.describe_isa(),
+        "cpu": cpu_paths.cpu_model(),
+        "kernel_path": cpu_paths.describe_isa(),
         "threads": args.threads,
         "layers_of_8b_shaped": args.layers,
         "new_tokens": args.new_tokens,

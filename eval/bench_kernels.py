@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..kernels import ops
+from ..kernels import cpu_paths, ops
 
 OURS = ("bitmap bf16", "bitmap int8", "dense bf16", "dense int8")
 LLAMA3_8B = {
@@ -200,13 +200,13 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--isa",
         default="auto",
-        choices=["auto", *ops.kernel_paths()],
+        choices=["auto", *cpu_paths.kernel_paths()],
         help="kernel path to run (sets SPARAMX_ISA); a forced one writes kernels-<isa>.* (default: auto, kernels.*)",
     )
     args = parser.parse_args(argv)
     if args.isa != "auto":
         os.environ["SPARAMX_ISA"] = args.isa
-        ops.isa()  # a path this CPU lacks fails here, before any work
+        cpu_paths.isa()  # a path this CPU lacks fails here, before any work
     shapes = {s: tuple(int(v) for v in s.split("x")) for s in args.shapes} if args.shapes else LLAMA3_8B
     gen = torch.Generator().manual_seed(0)
     bandwidth = read_bandwidth(args.working_set_gb, args.repeats)
@@ -218,9 +218,9 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {
-        "cpu": ops.cpu_model(),
+        "cpu": cpu_paths.cpu_model(),
         "threads": torch.get_num_threads(),
-        "isa": ops.describe_isa(),
+        "isa": cpu_paths.describe_isa(),
         "torch": torch.__version__,
         "working_set_gb": args.working_set_gb,
         "repeats": args.repeats,

@@ -5,7 +5,8 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from ..pipeline.artifact import PACKED_KEYS, read_manifest
+from ..pipeline.artifact_format import PACKED_KEYS
+from ..pipeline.artifact_reader import read_manifest
 
 _DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "I16": 2, "I32": 4, "I64": 8, "BOOL": 1}
 

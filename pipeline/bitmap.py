@@ -20,7 +20,13 @@ def pack_reference(dense: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def unpack_reference(compressed: Tensor, bitmask: Tensor, row_offsets: Tensor, in_features: int) -> Tensor:
+    """The dense weight; RuntimeError when the tensors disagree (as the C++ ops raise)."""
     keep = mask_from_bitmask(bitmask, in_features)
+    counts = keep.sum(dim=1)
+    if int(counts.sum()) != compressed.numel():
+        raise RuntimeError(f"the bitmask marks {int(counts.sum())} values, compressed holds {compressed.numel()}")
+    if not torch.equal(row_offsets, counts.cumsum(0) - counts):
+        raise RuntimeError("row_offsets are not the running sum of the bitmask's row popcounts")
     out = torch.zeros(keep.shape, dtype=compressed.dtype)
     out[keep] = compressed
     return out

@@ -1,17 +1,21 @@
-"""The pruning lifecycle: walk the decoder blocks one at a time, collect statistics with hooks, prune, move on.
+"""The calibrated stages' lifecycle: one walk over the decoder blocks (BlockWalk) that every calibrated stage --
+Wanda pruning here, SmoothQuant (smoothing.py), GPTQ (quantizing.py) -- runs its block step in, with the hooks that
+collect input statistics; and the pruning stage itself.
 
-For Wanda the calibration activations entering block i are the outputs of block i-1 *after* it was pruned
-(as in the paper's code), so errors are measured where they land. Peak memory is the model plus the activations
-of one block for the calibration windows.
+The calibration activations entering block i are the outputs of block i-1 *after* the stage changed it (as in the
+Wanda and GPTQ papers' code), so errors are measured where they land. Peak memory is the model plus the activations
+of one block for the calibration windows, llm-compressor's sequential pipeline.
 """
 
 import time
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
+from .artifact_format import LayerRecord
 from .models import decoder_layers, linear_modules
-from .pruning import apply_mask_, magnitude_scores, prune_mask, refit_kept_weights, wanda_scores, wanda_sweep
+from .pruning import PRUNING_METHODS, apply_mask_, prune_mask, refit_kept_weights, wanda_sweep
 from .recipe import PruneConfig
 
 
@@ -66,6 +70,51 @@ def capture_block_inputs(model, windows: list[torch.Tensor]) -> tuple[list[torch
 
 def block_output(out):
     return out[0] if isinstance(out, tuple) else out
+
+
+@dataclass
+class BlockStep:
+    """Decoder block `index` with the calibration activations entering it. A stage that already ran the block as it
+    leaves it (same function) may set `outputs`; otherwise the walk runs the block after the stage's step."""
+
+    index: int
+    block: torch.nn.Module
+    inputs: list[torch.Tensor]
+    kwargs: dict
+    outputs: list[torch.Tensor] | None = None
+
+
+class BlockWalk:
+    """`for step in BlockWalk(model, windows, "wanda"): <change step.block>`: each block once, in order, fed the
+    previous block's outputs as changed; `hidden()` afterwards gives the last block's outputs (the final norm's input).
+    """
+
+    def __init__(self, model, windows: list[torch.Tensor], desc: str, progress: bool = True):
+        self.layers = decoder_layers(model)
+        self._hidden, self.kwargs = capture_block_inputs(model, windows)
+        self._desc, self._progress = desc, progress
+        self._pending: BlockStep | None = None
+
+    def __iter__(self):
+        bar = tqdm(range(len(self.layers)), desc=self._desc, unit="layer", disable=not self._progress)
+        for i in bar:
+            start = time.perf_counter()
+            step = BlockStep(i, self.layers[i], self.hidden(), self.kwargs)
+            yield step
+            self._pending = step
+            bar.set_postfix(seconds=f"{time.perf_counter() - start:.1f}")
+
+    def hidden(self) -> list[torch.Tensor]:
+        """The activations after the last block stepped (its outputs are computed on first need: the last block's
+        only when a stage asks for them)."""
+        step, self._pending = self._pending, None
+        if step is not None:
+            outputs = step.outputs
+            if outputs is None:
+                with torch.no_grad():
+                    outputs = [block_output(step.block(h, **step.kwargs)) for h in step.inputs]
+            self._hidden = outputs
+        return self._hidden
 
 
 def input_groups(block, linears: dict, hidden: torch.Tensor, block_kwargs: dict) -> list[list[str]]:
@@ -123,59 +172,52 @@ def collect_input_stats(block, linears: dict, names: list[str], hidden, block_kw
     return stats
 
 
-def _prune_linear(name: str, module, config: PruneConfig, stats: InputStats | None = None) -> dict:
+def _prune_linear(name: str, module, config: PruneConfig, stats: InputStats | None = None) -> LayerRecord:
     weight = module.weight.data
     sparsity = config.sparsity_for(name)
     if sparsity > 0 or config.nm:
         if config.adaptive_mask:  # the sweep scores each block of columns itself, on the weights refit so far
             weight.copy_(wanda_sweep(weight, stats.gram, sparsity, config.nm, config.refit_damp))
         else:
-            scores = magnitude_scores(weight) if stats is None else wanda_scores(weight, stats.sums)
+            scores = PRUNING_METHODS[config.method].scores(weight, stats.sums if stats is not None else None)
             mask = prune_mask(scores, sparsity, config.nm, config.group)
             if config.refit:
                 weight.copy_(refit_kept_weights(weight, mask, stats.gram, config.refit_damp))
             else:
                 apply_mask_(weight, mask)
-    nnz = int(torch.count_nonzero(weight))
-    return {
-        "name": name,
-        "shape": list(weight.shape),
-        "target": sparsity,
-        "nnz": nnz,
-        "sparsity": 1.0 - nnz / weight.numel(),
-    }
+    return LayerRecord(name, tuple(weight.shape), sparsity, int(torch.count_nonzero(weight)))
 
 
 @torch.no_grad()
-def prune_layerwise(model, config: PruneConfig, windows: list[torch.Tensor] | None, progress: bool = True) -> list:
-    """Prune every decoder linear of `model` in place; returns one record per linear (name, shape, sparsity, nnz).
+def prune_layerwise(
+    model, config: PruneConfig, windows: list[torch.Tensor] | None, progress: bool = True
+) -> list[LayerRecord]:
+    """Prune every decoder linear of `model` in place; returns one record per linear (name, shape, target, nnz).
 
-    With config.sequential, the linears of a block are pruned group by group in execution order, each group's input
-    statistics taken from the block with the groups before it already pruned (SparseGPT's "true sequential").
+    A calibrated method walks the blocks (BlockWalk); with config.sequential, the linears of a block are pruned group
+    by group in execution order, each group's input statistics taken from the block with the groups before it
+    already pruned (SparseGPT's "true sequential").
     """
-    if config.method == "wanda" and not windows:
-        raise ValueError("wanda pruning needs calibration windows")
-    layers = decoder_layers(model)
-    hidden, block_kwargs = capture_block_inputs(model, windows) if config.method == "wanda" else (None, {})
+    if not PRUNING_METHODS[config.method].calibrated:
+        layers = decoder_layers(model)
+        bar = tqdm(range(len(layers)), desc=f"{config.method} pruning", unit="layer", disable=not progress)
+        return [
+            _prune_linear(name, linear, config)
+            for i in bar
+            for name, linear in linear_modules(layers[i], f"model.layers.{i}").items()
+        ]
+    if not windows:
+        raise ValueError(f"{config.method} pruning needs calibration windows")
     records = []
-    bar = tqdm(range(len(layers)), desc=f"{config.method} pruning", unit="layer", disable=not progress)
-    for i in bar:
-        start = time.perf_counter()
-        block = layers[i]
-        linears = linear_modules(block, f"model.layers.{i}")
-        if config.method == "magnitude":
-            done = {name: _prune_linear(name, mod, config) for name, mod in linears.items()}
-        else:
-            done = {}
-            groups = input_groups(block, linears, hidden[0], block_kwargs)
-            if not config.sequential:
-                groups = [[name for group in groups for name in group]]
-            for group in groups:
-                stats = collect_input_stats(block, linears, group, hidden, block_kwargs, config.refit)
-                done.update({name: _prune_linear(name, linears[name], config, stats[name]) for name in group})
-                del stats
-            if i + 1 < len(layers):
-                hidden = [block_output(block(h, **block_kwargs)) for h in hidden]
+    for step in BlockWalk(model, windows, f"{config.method} pruning", progress):
+        linears = linear_modules(step.block, f"model.layers.{step.index}")
+        groups = input_groups(step.block, linears, step.inputs[0], step.kwargs)
+        if not config.sequential:
+            groups = [[name for group in groups for name in group]]
+        done = {}
+        for group in groups:
+            stats = collect_input_stats(step.block, linears, group, step.inputs, step.kwargs, config.refit)
+            done.update({name: _prune_linear(name, linears[name], config, stats[name]) for name in group})
+            del stats
         records += [done[name] for name in linears]
-        bar.set_postfix(seconds=f"{time.perf_counter() - start:.1f}")
     return records

@@ -119,9 +119,10 @@ def load_model(source: ModelSource, config=None, dtype: torch.dtype | str = "aut
     from transformers import AutoModelForCausalLM
 
     if source.kind == "artifact":  # unpacked (int8 dequantized) into dense weights, fp32 unless told otherwise
-        from ..kernels.loader import load
+        from .artifact_reader import read_dense_model
+        from .bitmap import unpack_reference
 
-        return load(source.location, dtype=torch.float32 if dtype == "auto" else dtype, kernels=False)[0]
+        return read_dense_model(source.location, torch.float32 if dtype == "auto" else dtype, unpack_reference)
     config = config if config is not None else load_config(source)
     model = AutoModelForCausalLM.from_pretrained(
         source.location, config=config, dtype=dtype, low_cpu_mem_usage=True, **source.hf_kwargs()

@@ -3,6 +3,9 @@
 A mask is a bool tensor shaped like the weight, True where the weight is kept.
 """
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -18,6 +21,22 @@ def wanda_scores(weight: Tensor, input_sq_norm: Tensor) -> Tensor:
     if input_sq_norm.shape != (weight.shape[1],):
         raise ValueError(f"input_sq_norm must have shape ({weight.shape[1]},), got {tuple(input_sq_norm.shape)}")
     return weight.abs().float() * input_sq_norm.float().sqrt().unsqueeze(0)
+
+
+@dataclass(frozen=True)
+class PruningMethod:
+    """A way to score weights: `scores(weight, input_sq_norm)`; calibrated methods get the per-column sums of x_j^2
+    over the calibration tokens, the others None."""
+
+    calibrated: bool
+    scores: Callable[[Tensor, Tensor | None], Tensor]
+
+
+# prune.method -> its scoring; the recipe accepts exactly these names.
+PRUNING_METHODS = {
+    "magnitude": PruningMethod(calibrated=False, scores=lambda weight, input_sq_norm: magnitude_scores(weight)),
+    "wanda": PruningMethod(calibrated=True, scores=wanda_scores),
+}
 
 
 def unstructured_mask(scores: Tensor, sparsity: float, group: str = "row") -> Tensor:

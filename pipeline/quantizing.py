@@ -9,10 +9,9 @@ kept weight). With an int8 lm_head, its X^T X is taken on the final norm's outpu
 """
 
 import torch
-from tqdm.auto import tqdm
 
-from .layerwise import InputStats, block_output, capture_block_inputs, collect_input_stats, input_groups
-from .models import decoder_layers, linear_modules
+from .layerwise import BlockWalk, InputStats, block_output, collect_input_stats, input_groups
+from .models import linear_modules
 from .quantize import dequantize, gptq_per_channel, quantize_per_channel
 from .recipe import QuantizeConfig
 
@@ -31,26 +30,25 @@ def quantize_weights(
         raise ValueError("gptq needs calibration windows")
     wanted = set(names)
     out: Quantized = {}
-    layers = decoder_layers(model)
-    hidden, block_kwargs = capture_block_inputs(model, windows)
-    for i in tqdm(range(len(layers)), desc="gptq", unit="layer", disable=not progress):
-        block = layers[i]
-        linears = {n: m for n, m in linear_modules(block, f"model.layers.{i}").items() if n in wanted}
+    walk = BlockWalk(model, windows, "gptq", progress)
+    for step in walk:
+        block = step.block
+        linears = {n: m for n, m in linear_modules(block, f"model.layers.{step.index}").items() if n in wanted}
         floats = {name: linear.weight.detach().clone() for name, linear in linears.items()}
         if linears:
-            for group in input_groups(block, linears, hidden[0], block_kwargs):
-                stats = collect_input_stats(block, linears, group, hidden, block_kwargs, gram=True)
+            for group in input_groups(block, linears, step.inputs[0], step.kwargs):
+                stats = collect_input_stats(block, linears, group, step.inputs, step.kwargs, gram=True)
                 for name in group:
                     out[name] = gptq_per_channel(linears[name].weight, stats[name].gram, config.damp)
                     linears[name].weight.copy_(dequantize(*out[name]))
                 del stats
-        hidden = [block_output(block(h, **block_kwargs)) for h in hidden]
+        step.outputs = [block_output(block(h, **step.kwargs)) for h in step.inputs]  # on the quantized weights
         for name, weight in floats.items():
             linears[name].weight.copy_(weight)
     for name in sorted(wanted - set(out)):  # the output linear: its input is the final norm's output
         linear = model.get_submodule(name)
         stats = InputStats(linear.in_features, gram=True)
-        for h in hidden:
+        for h in walk.hidden():
             stats(linear, (model.model.norm(h),), None)
         out[name] = gptq_per_channel(linear.weight.detach(), stats.gram, config.damp)
     return out

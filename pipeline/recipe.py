@@ -13,8 +13,8 @@ from pathlib import Path
 import yaml
 
 from .errors import RecipeError
+from .pruning import PRUNING_METHODS
 
-METHODS = ("magnitude", "wanda")
 GROUPS = ("row", "layer")
 WEIGHT_FORMATS = ("bf16", "int8")
 ROUNDINGS = ("rtn", "gptq")
@@ -58,8 +58,8 @@ class PruneConfig:
     adaptive_mask: bool = False
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise RecipeError(f"prune.method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.method not in PRUNING_METHODS:
+            raise RecipeError(f"prune.method must be one of {', '.join(PRUNING_METHODS)}, got {self.method!r}")
         if self.group not in GROUPS:
             raise RecipeError(f"prune.group must be one of {', '.join(GROUPS)}, got {self.group!r}")
         if self.pattern != "unstructured":
@@ -188,7 +188,8 @@ class Recipe:
     @property
     def needs_calibration(self) -> bool:
         quantize = self.quantize
-        return self.prune.method == "wanda" or quantize.smoothquant is not None or quantize.method == "gptq"
+        calibrated_prune = PRUNING_METHODS[self.prune.method].calibrated
+        return calibrated_prune or quantize.smoothquant is not None or quantize.method == "gptq"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

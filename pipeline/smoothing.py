@@ -9,11 +9,9 @@ With `head` (an int8 lm_head), a fourth: the final norm -> lm_head, on lm_head's
 """
 
 import torch
-from tqdm.auto import tqdm
 
 from .errors import ModelError
-from .layerwise import block_output, capture_block_inputs
-from .models import decoder_layers
+from .layerwise import BlockWalk, block_output
 from .quantize import smoothing_scales
 
 # (module that absorbs 1/s, how: "norm" scales its weight, "rows" scales a linear's output rows), linears reading it
@@ -63,18 +61,17 @@ def smooth_layerwise(
     output linear to smooth too (its weight is untied from the embeddings first: they must keep theirs)."""
     if not windows:
         raise ValueError("smoothquant needs calibration windows")
-    layers = decoder_layers(model)
-    hidden, block_kwargs = capture_block_inputs(model, windows)
+    walk = BlockWalk(model, windows, "smoothquant", progress)
     records = []
-    for i in tqdm(range(len(layers)), desc="smoothquant", unit="layer", disable=not progress):
-        block = layers[i]
+    for step in walk:
+        block, i = step.block, step.index
         folds = [
             (_submodule(block, src, i), how, [_submodule(block, n, i) for n in names]) for src, how, names in FOLDS
         ]
         stats = [InputAbsMax() for _ in folds]
         handles = [lin[0].register_forward_pre_hook(stat) for (_, _, lin), stat in zip(folds, stats, strict=True)]
-        try:
-            outputs = [block_output(block(h, **block_kwargs)) for h in hidden]
+        try:  # folding leaves the block's function as it is, so these outputs are the ones after it too
+            step.outputs = [block_output(block(h, **step.kwargs)) for h in step.inputs]
         finally:
             for handle in handles:
                 handle.remove()
@@ -83,7 +80,6 @@ def smooth_layerwise(
             records.append(
                 {"layer": i, "absorbed_by": src_name, "linears": list(names), "max_scale": float(scales.max())}
             )
-        hidden = outputs
     if head:
         norm, linear = getattr(model.model, "norm", None), model.get_submodule(head)
         if norm is None or getattr(norm, "weight", None) is None:
@@ -91,7 +87,7 @@ def smooth_layerwise(
         if linear.weight is model.get_input_embeddings().weight:
             linear.weight = torch.nn.Parameter(linear.weight.detach().clone(), requires_grad=False)
         stat = InputAbsMax()
-        for h in hidden:
+        for h in walk.hidden():
             stat(linear, (norm(h),))  # lm_head's input, without paying for lm_head itself
         scales = _fold(norm, "norm", [linear], stat.absmax, alpha)
         records.append(

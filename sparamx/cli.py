@@ -27,7 +27,7 @@ def cmd_prune(args) -> int:
     report = compress(
         args.model, args.recipe, out=args.out, calib=args.calib, overwrite=args.overwrite, progress=not args.quiet
     )
-    from .pipeline.artifact import remember_artifact
+    from .user_cache import remember_artifact
 
     remember_artifact(report["out"])
     t = report["timings"]
@@ -122,17 +122,17 @@ def cmd_eval(args) -> int:
 def cmd_info(args) -> int:
     import torch
 
-    from .kernels import ops
+    from .kernels import cpu_paths
 
-    features = ops.cpu_features()
+    features = cpu_paths.cpu_features()
     print(f"sparamx {__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"cpu: {ops.cpu_model()}; torch's kernels: {torch.backends.cpu.get_cpu_capability()}")
+    print(f"cpu: {cpu_paths.cpu_model()}; torch's kernels: {torch.backends.cpu.get_cpu_capability()}")
     print("cpu features: " + (", ".join(features) or "none of interest"))
-    for path in ops.kernel_paths():
-        missing = ops.missing_features(path)
+    for path in cpu_paths.kernel_paths():
+        missing = cpu_paths.missing_features(path)
         print(f"  {path:<9} {'available' if not missing else 'needs ' + missing}")
-    print(f"kernel paths available: {', '.join(ops.available_isas())}; chosen: {ops.describe_isa()}")
-    runs_on = "our kernels" if ops.kernels_preferred() else "torch, unpacked (SPARAMX_ISA=reference runs ours)"
+    print(f"kernel paths available: {', '.join(cpu_paths.available_isas())}; chosen: {cpu_paths.describe_isa()}")
+    runs_on = "our kernels" if cpu_paths.kernels_preferred() else "torch, unpacked (SPARAMX_ISA=reference runs ours)"
     print(f"sparamx.load runs packed linears on {runs_on}")
     if "amx_tile" not in features:
         print("AMX: not available to this process (no amx_tile in cpuid, or arch_prctl refused tile data)")

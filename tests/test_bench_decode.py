@@ -30,7 +30,7 @@ def test_bench_decode_writes_json_table_and_plot(tmp_path, tiny_model_dir):
 
 def test_cached_artifacts_are_reused_only_for_the_same_recipe(tmp_path):
     from sparamx.eval.bench_decode import _cached_with
-    from sparamx.pipeline.artifact import FORMAT, VERSION
+    from sparamx.pipeline.artifact_format import FORMAT, VERSION
     from sparamx.pipeline.recipe import Recipe
 
     spec = Recipe.from_dict({"name": "r", "prune": {"method": "magnitude", "sparsity": 0.5}})

@@ -37,12 +37,12 @@ def test_every_command_has_help(command, capsys):
 
 
 def test_info_reports_the_detected_path(capsys):
-    from sparamx.kernels import ops
+    from sparamx.kernels import cpu_paths
 
     assert main(["info"]) == 0
     out = capsys.readouterr().out
-    assert f"chosen: {ops.describe_isa()}" in out and "cpu features:" in out
-    expected = "our kernels" if ops.kernels_preferred() else "torch, unpacked"
+    assert f"chosen: {cpu_paths.describe_isa()}" in out and "cpu features:" in out
+    expected = "our kernels" if cpu_paths.kernels_preferred() else "torch, unpacked"
     assert f"sparamx.load runs packed linears on {expected}" in out
 
 

@@ -9,9 +9,10 @@ from safetensors import safe_open
 
 import sparamx
 from sparamx.eval.perplexity import token_perplexity
-from sparamx.kernels import ops
+from sparamx.kernels import cpu_paths
 from sparamx.kernels.modules import SparseLinear
-from sparamx.pipeline.artifact import PACKED_KEYS, packed_prefixes
+from sparamx.pipeline.artifact_format import PACKED_KEYS
+from sparamx.pipeline.artifact_reader import packed_prefixes
 from sparamx.pipeline.bitmap import mask_from_bitmask, unpack_reference
 from sparamx.pipeline.models import load_model, load_tokenizer, resolve_model
 from sparamx.pipeline.recipe import PruneConfig, Recipe, load_recipe
@@ -108,7 +109,7 @@ def test_kernels_are_as_accurate_as_stock_bf16(artifacts, wikitext, report, monk
         prompt = ids[:, :tokens]
         with torch.no_grad():
             logits = {"fp32": fp32(prompt).logits.float(), "stock bf16": stock(prompt).logits.float()}
-            for isa in [p for p in ops.available_isas() if p != "reference"]:
+            for isa in [p for p in cpu_paths.available_isas() if p != "reference"]:
                 monkeypatch.setenv("SPARAMX_ISA", isa)
                 logits[isa] = fast(prompt).logits.float()
         monkeypatch.delenv("SPARAMX_ISA")

@@ -5,10 +5,10 @@ import pytest
 import torch
 from emulated import EMULATED_PATHS, emulated_ops  # tests/kernels/emulated.py
 
-from sparamx.kernels import ops
+from sparamx.kernels import cpu_paths, ops
 from sparamx.kernels.modules import DenseLinear, SparseLinear
 
-ISAS = ops.available_isas()
+ISAS = cpu_paths.available_isas()
 # Every path the grids run: the native ones, then "emulated <path>" (the same kernel sources in software).
 PATHS = ISAS + tuple(f"emulated {path}" for path in EMULATED_PATHS)
 FORMATS = ("bitmap bf16", "bitmap int8", "dense bf16", "dense int8")
@@ -60,10 +60,10 @@ class Case:
         self.op = getattr(torch.ops.sparamx, self.name).default
 
     def op_for(self, isa):
-        """(op, isa argument) for a native path, "emulated <path>", or None: what ops.isa() asks for."""
+        """(op, isa argument) for a native path, "emulated <path>", or None: what cpu_paths.isa() asks for."""
         if isa and isa.startswith("emulated "):
             return getattr(emulated_ops(), self.name).default, isa.removeprefix("emulated ")
-        return self.op, isa or ops.isa()
+        return self.op, isa or cpu_paths.isa()
 
     def run(self, x, isa=None):
         op, isa = self.op_for(isa)
@@ -145,7 +145,7 @@ def test_leading_dims_empty_batch_and_threads(fmt):
         single = case.run(x)
     finally:
         torch.set_num_threads(threads)
-    if ops.available_isas()[-1] == "reference":  # torch's GEMM: its reduction order may change with the threads
+    if cpu_paths.available_isas()[-1] == "reference":  # torch's GEMM: its reduction order may change with the threads
         torch.testing.assert_close(single, y, rtol=1e-5, atol=1e-5)
     else:
         assert torch.equal(single, y)  # our kernels: each output is summed by one thread in a fixed order
@@ -163,7 +163,7 @@ def test_paths_agree(fmt):
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_opcheck(fmt):
     case = Case(fmt, random_weight(9, 70, 0.5), torch.randn(9))
-    args = (torch.randn(3, 70), *case.packed, 9, 70, case.scale, case.bias, ops.isa())
+    args = (torch.randn(3, 70), *case.packed, 9, 70, case.scale, case.bias, cpu_paths.isa())
     utils = ("test_schema", "test_autograd_registration", "test_faketensor")
     torch.library.opcheck(case.op, args, test_utils=utils)
     w = case.weight
@@ -257,20 +257,20 @@ def test_modules_match_the_ops_and_nn_linear():
 
 def test_isa_selection(monkeypatch):
     monkeypatch.delenv("SPARAMX_ISA", raising=False)
-    assert ops.isa() == "auto"
-    assert ops.describe_isa().startswith(ops.available_isas()[-1])
+    assert cpu_paths.isa() == "auto"
+    assert cpu_paths.describe_isa().startswith(cpu_paths.available_isas()[-1])
     monkeypatch.setenv("SPARAMX_ISA", "reference")
-    assert ops.isa() == "reference"
+    assert cpu_paths.isa() == "reference"
     monkeypatch.setenv("SPARAMX_ISA", "sse2")
     with pytest.raises(ValueError, match="SPARAMX_ISA='sse2'"):
-        ops.isa()
-    for name in ops.kernel_paths():
+        cpu_paths.isa()
+    for name in cpu_paths.kernel_paths():
         monkeypatch.setenv("SPARAMX_ISA", name)
-        if name in ops.available_isas():
-            assert ops.isa() == name
+        if name in cpu_paths.available_isas():
+            assert cpu_paths.isa() == name
         else:
             with pytest.raises(RuntimeError, match=f"SPARAMX_ISA={name} but this CPU lacks"):
-                ops.isa()
+                cpu_paths.isa()
             x = torch.randn(1, 70)
             case = Case("bitmap bf16", random_weight(6, 70, 0.5))
             with pytest.raises(RuntimeError, match=f"isa={name} forced but this CPU .* lacks"):
@@ -281,12 +281,12 @@ def test_our_cpu_detection_agrees_with_torch():
     """Our cpuid (needed in C++, and finer: VBMI2, BF16, tile permission) never contradicts what torch detects."""
     capability = torch.backends.cpu.get_cpu_capability()  # DEFAULT | AVX2 | AVX512; ATEN_CPU_CAPABILITY only lowers it
     if capability in ("AVX2", "AVX512"):
-        assert "avx2" in ops.available_isas()
+        assert "avx2" in cpu_paths.available_isas()
     if capability == "AVX512":
-        assert {"avx512f", "avx512bw", "avx512vl"} <= set(ops.cpu_features())
-    if "amx_tile" in ops.cpu_features():
+        assert {"avx512f", "avx512bw", "avx512vl"} <= set(cpu_paths.cpu_features())
+    if "amx_tile" in cpu_paths.cpu_features():
         assert torch.cpu._is_amx_tile_supported()
-    assert ops.describe_isa() == ops.available_isas()[-1] or ops.describe_isa().startswith("amx from")
+    assert cpu_paths.describe_isa() == cpu_paths.available_isas()[-1] or cpu_paths.describe_isa().startswith("amx from")
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -294,7 +294,7 @@ def test_auto_picks_a_path_that_agrees_with_each_forced_one(fmt):
     """isa=auto switches path with the rows of x (AMX tiles from amx_min_rows() where present): every size of x gives
     what the forced paths give, and int8 gives the same numbers on AVX-512 and AMX (exact integer dot products)."""
     case = Case(fmt, random_weight(45, 300, 0.5, seed=3), torch.randn(45))
-    for m in (1, ops.amx_min_rows() - 1, ops.amx_min_rows(), 16, 70, 257):
+    for m in (1, cpu_paths.amx_min_rows() - 1, cpu_paths.amx_min_rows(), 16, 70, 257):
         x = torch.randn(m, 300)
         y = case.run(x, "auto")
         case.check(x, y)

@@ -8,10 +8,10 @@ from safetensors.torch import load_file, save_file
 
 import sparamx
 from sparamx.eval.inspect_artifact import artifact_table
-from sparamx.kernels import ops
+from sparamx.kernels import cpu_paths
 from sparamx.kernels.modules import DenseLinear, SparseLinear
-from sparamx.pipeline import artifact
-from sparamx.pipeline.artifact import MANIFEST, sha256_file
+from sparamx.pipeline import artifact_writer
+from sparamx.pipeline.artifact_format import MANIFEST, sha256_file
 from sparamx.pipeline.errors import ArtifactError
 from sparamx.pipeline.layerwise import prune_layerwise
 from sparamx.pipeline.models import load_model, resolve_model
@@ -110,7 +110,7 @@ def test_load_reproduces_the_pruned_model(tiny_artifact, tiny_model_dir):
     ],
 )
 def test_default_load_picks_kernels_where_the_cpu_runs_them(tiny_artifact, monkeypatch, isas, forced, on_kernels):
-    monkeypatch.setattr(ops, "available_isas", lambda: isas)
+    monkeypatch.setattr(cpu_paths, "available_isas", lambda: isas)
     monkeypatch.setenv("SPARAMX_ISA", forced)
     if on_kernels:
         model, _ = sparamx.load(tiny_artifact)
@@ -216,7 +216,7 @@ def test_failure_while_writing_leaves_nothing(tmp_path, tiny_model_dir, monkeypa
         calls.append(args[1])
         raise OSError("disk full")
 
-    monkeypatch.setattr(artifact, "save_file", failing_save)
+    monkeypatch.setattr(artifact_writer, "save_file", failing_save)
     out = tmp_path / "out"
     with pytest.raises(OSError, match="disk full"):
         sparamx.compress(str(tiny_model_dir), MAGNITUDE, out=out, progress=False)
@@ -299,7 +299,7 @@ def reference_model(tiny_model_dir, recipe_name):
     records = prune_layerwise(model, INT8_RECIPES[recipe_name].prune, None, progress=False)
     with torch.no_grad():
         for record in records:
-            linear = model.get_submodule(record["name"])
+            linear = model.get_submodule(record.name)
             linear.weight.copy_(dequantize(*quantize_per_channel(linear.weight)))
     # Built as transformers builds a bf16 model (its rotary buffers stay fp32), then given those weights.
     reference = load_model(resolve_model(str(tiny_model_dir)), dtype=torch.bfloat16).eval()
@@ -422,19 +422,19 @@ def test_an_artifact_is_a_source_for_later_stages(tiny_artifact, tmp_path):
         assert torch.equal(model.get_submodule(record["name"]).weight, expected), record["name"]
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8])
-def test_a_barely_sparse_bitmap_runs_on_the_dense_kernel(dtype):
-    from sparamx.kernels import ops
-    from sparamx.kernels.loader import DENSE_BELOW, packed_linear
-
-    weight = torch.randn(16, 64)
-    x = torch.randn(3, 64)
-    for sparsity, kind in [(0.1, DenseLinear), (0.5, SparseLinear)]:
-        w = weight.clone()
-        w[:, : int(64 * sparsity)] = 0
-        assert (sparsity < DENSE_BELOW[dtype]) == (kind is DenseLinear)
-        q, scale = quantize_per_channel(w) if dtype == torch.int8 else (w.to(dtype), None)
-        module = packed_linear(*ops.bitmap_pack(q), 64, None, scale)
-        assert isinstance(module, kind) and module.int8 == (dtype == torch.int8)
-        reference = SparseLinear(*ops.bitmap_pack(q), 64, None, scale)
-        torch.testing.assert_close(module(x), reference(x), rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("weights", ["bf16", "int8"])
+def test_a_barely_sparse_layer_is_stored_and_runs_dense(tmp_path, tiny_model_dir, weights):
+    """Bitmap or dense is decided once, when the artifact is written, and the manifest's kind is what runs."""
+    layers = {"model.layers.1.*": 0.1}  # below BITMAP_FROM for both dtypes; layer 0 at 50%
+    recipe = Recipe(
+        name="barely", prune=PruneConfig(method="magnitude", layers=layers), quantize=QuantizeConfig(weights)
+    )
+    sparamx.compress(str(tiny_model_dir), recipe, out=tmp_path / "b", progress=False)
+    kinds = {r["name"]: r["kind"] for r in json.loads((tmp_path / "b" / MANIFEST).read_text())["layers"]}
+    model, _ = sparamx.load(tmp_path / "b", kernels=True)
+    for name, kind in kinds.items():
+        assert kind == ("dense" if name.startswith("model.layers.1.") else "bitmap"), name
+        assert isinstance(model.get_submodule(name), DenseLinear if kind == "dense" else SparseLinear), name
+    reference, _ = sparamx.load(tmp_path / "b", dtype=torch.float32, kernels=False)
+    weight = reference.model.layers[1].mlp.up_proj.weight
+    assert abs((weight == 0).float().mean().item() - 0.1) < 0.01  # stored dense, still pruned

@@ -41,8 +41,8 @@ def test_wanda_uses_the_input_norms_of_each_linear(tiny, windows):
     expected = prune_mask(wanda_scores(weight, x.double().square().sum(dim=0)), 0.5, None)
     records = prune_layerwise(tiny, PruneConfig(method="wanda", sparsity=0.5), windows, progress=False)
     assert torch.equal(block.self_attn.q_proj.weight != 0, expected)
-    assert [r["name"] for r in records[:7]] == list(linear_modules(block, "model.layers.0"))
-    assert all(r["nnz"] == r["shape"][0] * r["shape"][1] // 2 for r in records)
+    assert [r.name for r in records[:7]] == list(linear_modules(block, "model.layers.0"))
+    assert all(r.nnz == r.shape[0] * r.shape[1] // 2 for r in records)
 
 
 def test_sequential_pruning_feeds_later_groups_pruned_inputs(tiny_model_dir, windows):
@@ -57,10 +57,10 @@ def test_sequential_pruning_feeds_later_groups_pruned_inputs(tiny_model_dir, win
 
 def test_per_layer_ratios_and_magnitude(tiny):
     config = PruneConfig(method="magnitude", sparsity=0.5, layers={"*.mlp.*": 0.75, "model.layers.1.*": 0.0})
-    records = {r["name"]: r for r in prune_layerwise(tiny, config, None, progress=False)}
-    assert records["model.layers.0.mlp.up_proj"]["sparsity"] == 0.75
-    assert records["model.layers.0.self_attn.q_proj"]["sparsity"] == 0.5
-    assert records["model.layers.1.self_attn.q_proj"]["sparsity"] == 0.0
+    records = {r.name: r for r in prune_layerwise(tiny, config, None, progress=False)}
+    assert records["model.layers.0.mlp.up_proj"].sparsity == 0.75
+    assert records["model.layers.0.self_attn.q_proj"].sparsity == 0.5
+    assert records["model.layers.1.self_attn.q_proj"].sparsity == 0.0
 
 
 def test_wanda_without_windows_is_an_error(tiny):

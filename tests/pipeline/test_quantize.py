@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparamx.pipeline.artifact import storage_kind
+from sparamx.pipeline.artifact_format import BITMAP_FROM, storage_kind
 from sparamx.pipeline.quantize import dequantize, gptq_per_channel, quantize_per_channel, sqnr_db
 
 
@@ -40,12 +40,15 @@ def test_sqnr():
     assert abs(sqnr_db(x, x * 1.01) - 40.0) < 1e-3  # noise is 1% of the signal: 40 dB
 
 
-def test_storage_kind_is_whichever_is_fewer_bytes():
+def test_storage_kind_is_bitmap_where_it_is_smaller_and_runs_faster():
     assert storage_kind(64, 4096, 64 * 4096 // 2, "bfloat16") == "bitmap"
     assert storage_kind(64, 4096, int(64 * 4096 * 0.95), "bfloat16") == "dense"  # a bitmap of 5% zeros costs more
-    assert storage_kind(64, 4096, int(64 * 4096 * 0.9), "bfloat16") == "bitmap"
-    assert storage_kind(64, 4096, int(64 * 4096 * 0.9), "int8") == "dense"  # 1 bit of mask is 1/8 of an int8
-    assert storage_kind(64, 4096, int(64 * 4096 * 0.8), "int8") == "bitmap"
+    # 10% zeros: fewer bytes as a bitmap, but the dense kernel streams faster than the bitmap one saves
+    assert storage_kind(64, 4096, int(64 * 4096 * 0.9), "bfloat16") == "dense"
+    for dtype, sparsity in BITMAP_FROM.items():
+        assert storage_kind(64, 4096, round(64 * 4096 * (1 - sparsity)), dtype) == "bitmap"
+        assert storage_kind(64, 4096, round(64 * 4096 * (1 - sparsity)) + 1, dtype) == "dense"
+    assert storage_kind(64, 4, 2 * 64, "int8") == "dense"  # 4 columns: the row offsets outweigh the zeros
 
 
 def test_row_blocks_give_the_same_result(monkeypatch):
