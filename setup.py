@@ -25,7 +25,8 @@ setup(
         "sparamx.eval": "eval",
         "sparamx.recipes": "recipes",  # found by name from any directory (pipeline/recipe.py)
     },
-    package_data={"sparamx.recipes": ["*.yaml"]},
+    # Found by name from any directory: the recipes, and the offline lm-eval tasks with the code they call.
+    package_data={"sparamx.recipes": ["*.yaml"], "sparamx.eval": ["tasks/*.yaml", "tasks/*.py"]},
     ext_modules=[
         CppExtension(
             "sparamx.kernels._C",

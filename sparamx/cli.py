@@ -1,4 +1,5 @@
-"""`sparamx` command line: prune | inspect | generate | eval | info | bench. Fixable errors: one line, exit 2."""
+"""`sparamx` command line: prune | recipes | inspect | generate | eval | info | bench.
+Fixable errors: one line, exit 2."""
 
 import argparse
 import json
@@ -10,6 +11,7 @@ from .pipeline.errors import SparamxError
 from .pipeline.recipe import DEFAULT_RECIPE, shipped_recipes
 
 EPILOG = """examples:
+  sparamx recipes
   sparamx prune --model smollm2-135m --recipe wanda-50
   sparamx prune --model meta-llama/Meta-Llama-3-8B --recipe wanda-2of4 --out artifacts/llama3-2of4
   sparamx prune --model smollm2-135m --recipe my-recipe.yaml
@@ -139,15 +141,16 @@ def cmd_info(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="sparamx",
-        description="Compress causal LMs for fast CPU decoding and run the result.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def cmd_recipes(args) -> int:
+    from .pipeline.recipe import load_recipe
 
+    for name, path in sorted(shipped_recipes().items()):
+        default = " (default)" if name == DEFAULT_RECIPE else ""
+        print(f"{name:<18} {load_recipe(path).description}{default}")
+    return 0
+
+
+def add_prune(sub) -> None:
     prune = sub.add_parser("prune", help="prune a model with a recipe and write an artifact directory")
     prune.add_argument(
         "--model",
@@ -159,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--recipe",
         default=DEFAULT_RECIPE,
         help=f"a recipe YAML file, or a shipped recipe's name: {', '.join(sorted(shipped_recipes()))} "
-        "(default: %(default)s)",
+        "(default: %(default)s; `sparamx recipes` describes them)",
     )
     prune.add_argument("--out", help="artifact directory (default: artifacts/<model>-<recipe>)")
     prune.add_argument(
@@ -171,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--quiet", action="store_true", help="no progress bars")
     prune.set_defaults(func=cmd_prune)
 
+
+def add_inspect_and_generate(sub) -> None:
     inspect = sub.add_parser("inspect", help="per-layer table of an artifact: shape, sparsity, nnz, bytes")
     inspect.add_argument("path", help="artifact directory")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -183,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     generate.set_defaults(func=cmd_generate)
 
+
+def add_eval(sub) -> None:
     evaluate = sub.add_parser(
         "eval",
         help="lm-eval accuracy of an artifact vs its dense source model, with the recipe's gate",
@@ -211,9 +218,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.set_defaults(func=cmd_eval)
 
-    info = sub.add_parser("info", help="CPU features detected and the kernel path chosen")
-    info.set_defaults(func=cmd_info)
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sparamx",
+        description="Compress causal LMs for fast CPU decoding and run the result.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_prune(sub)
+    sub.add_parser("recipes", help="the shipped recipes, one line each").set_defaults(func=cmd_recipes)
+    add_inspect_and_generate(sub)
+    add_eval(sub)
+    sub.add_parser("info", help="CPU features detected and the kernel path chosen").set_defaults(func=cmd_info)
     # Listed here for --help; its options are bench_decode's own (main() hands them over untouched).
     sub.add_parser("bench", help="decode benchmark: stock transformers vs our runtime per recipe (see bench --help)")
     return parser

@@ -29,11 +29,23 @@ def test_help_explains_each_command():
     assert "--recipe" in prune.stdout and "llama-3-8b" in prune.stdout and "--calib" in prune.stdout
 
 
-@pytest.mark.parametrize("command", ["prune", "inspect", "generate", "info", "eval", "bench"])
+@pytest.mark.parametrize("command", ["prune", "recipes", "inspect", "generate", "info", "eval", "bench"])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
     assert exit_info.value.code == 0 and "usage:" in capsys.readouterr().out
+
+
+def test_recipes_lists_each_shipped_recipe_with_its_description(capsys):
+    from sparamx.pipeline.recipe import load_recipe, shipped_recipes
+
+    assert main(["recipes"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    shipped = shipped_recipes()
+    assert len(lines) == len(shipped) and "wanda-50" in shipped
+    for line, (name, path) in zip(lines, sorted(shipped.items()), strict=True):
+        description = load_recipe(path).description
+        assert description and line.split()[0] == name and description in line
 
 
 def test_info_reports_the_detected_path(capsys):
