@@ -6,11 +6,13 @@ always means "nothing lost".
 """
 
 import datetime
+import functools
 import gc
 import hashlib
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -129,6 +131,52 @@ def _evaluate_one(load, tasks, limit, docs, batch_size) -> dict | None:
         gc.collect()
 
 
+@dataclass(frozen=True)
+class EvalPlan:
+    """What `sparamx eval` runs: the options given, else the recipe's eval section, else every offline task."""
+
+    tasks: list[str]
+    gated: list[str]
+    limit: int | None
+    docs: int | None
+    threshold: float
+
+
+def plan_eval(recipe: Recipe, tasks, limit, docs, threshold) -> EvalPlan:
+    if threshold is not None and not 0 < threshold <= 1:
+        raise SparamxError(f"--threshold must be in (0, 1], got {threshold}")
+    for name, value in (("--limit", limit), ("--docs", docs)):
+        if value is not None and value < 1:
+            raise SparamxError(f"{name} must be a positive number, got {value}")
+    tasks = list(tasks or recipe.eval.tasks or default_tasks())
+    if not tasks:
+        raise SparamxError("no tasks: set SPARAMX_DATA to the shared data folder, or pass --tasks with lm-eval tasks")
+    return EvalPlan(
+        tasks=tasks,
+        gated=list(recipe.eval.tasks or tasks),
+        limit=limit if limit is not None else recipe.eval.limit,
+        docs=docs if docs is not None else recipe.eval.docs,
+        threshold=threshold if threshold is not None else recipe.eval.recovery_threshold,
+    )
+
+
+def evaluate_dense(source: ModelSource, plan: EvalPlan, batch_size: int) -> dict | None:
+    """The dense source model's results, cached per source, tasks and limits (a hub model is not cached)."""
+    cached = dense_cache_file(source, plan.tasks, plan.limit, plan.docs, batch_size)
+    if cached.is_file() and source.kind != "hub":
+        return json.loads(cached.read_text())
+    results = _evaluate_one(
+        lambda: (load_model(source, dtype=torch.float32), load_tokenizer(source)),
+        plan.tasks,
+        plan.limit,
+        plan.docs,
+        batch_size,
+    )
+    if results is not None:
+        write_text_atomic(cached, json.dumps(results))
+    return results
+
+
 def run_eval(
     path: str | Path | None = None,
     tasks: list[str] | None = None,
@@ -141,67 +189,25 @@ def run_eval(
 ) -> dict | None:
     """Evaluate an artifact and its dense source; write the comparison; returns the report (None off rank 0).
     Raises GateError after writing everything when the gate fails."""
-    import lm_eval
-
     from .. import load
 
-    if threshold is not None and not 0 < threshold <= 1:
-        raise SparamxError(f"--threshold must be in (0, 1], got {threshold}")
-    for name, value in (("--limit", limit), ("--docs", docs)):
-        if value is not None and value < 1:
-            raise SparamxError(f"{name} must be a positive number, got {value}")
     path = Path(path) if path else last_artifact()
     manifest = read_manifest(path)
     recipe = Recipe.from_dict(manifest["recipe"]) if manifest.get("recipe") else Recipe(name="unknown")
-    tasks = list(tasks or recipe.eval.tasks or default_tasks())
-    if not tasks:
-        raise SparamxError("no tasks: set SPARAMX_DATA to the shared data folder, or pass --tasks with lm-eval tasks")
-    limit = limit if limit is not None else recipe.eval.limit
-    docs = docs if docs is not None else recipe.eval.docs
-    threshold = threshold if threshold is not None else recipe.eval.recovery_threshold
-    gated = list(recipe.eval.tasks or tasks)
-
+    plan = plan_eval(recipe, tasks, limit, docs, threshold)
     start = time.perf_counter()
     source = ModelSource(**manifest["source_model"])
-    dense_results = None
-    if dense:
-        cached = dense_cache_file(source, tasks, limit, docs, batch_size)
-        if cached.is_file() and source.kind != "hub":
-            dense_results = json.loads(cached.read_text())
-        else:
-            dense_results = _evaluate_one(
-                lambda: (load_model(source, dtype=torch.float32), load_tokenizer(source)),
-                tasks,
-                limit,
-                docs,
-                batch_size,
-            )
-            if dense_results is not None:
-                write_text_atomic(cached, json.dumps(dense_results))
+    dense_results = evaluate_dense(source, plan, batch_size) if dense else None
     # kernels=True even without AVX-512: the reference path then computes exactly what the kernels compute (int8
     # activations quantized per token), so the gate judges the artifact as our runtime runs it.
-    results = _evaluate_one(lambda: load(path, dtype=torch.float32, kernels=True), tasks, limit, docs, batch_size)
+    model = functools.partial(load, path, dtype=torch.float32, kernels=True)
+    results = _evaluate_one(model, plan.tasks, plan.limit, plan.docs, batch_size)
     if results is None:  # a non-zero rank of a data-parallel run: rank 0 reports
         return None
     rows = comparison(dense_results, results)
-    failures = gate_failures(rows, gated, threshold) if dense else []
-    report = {
-        "artifact": str(path),
-        "source": source.name,
-        "recipe": recipe.name,
-        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "lm_eval": lm_eval.__version__,
-        "tasks": tasks,
-        "limit": limit,
-        "docs": docs,
-        "limit_text": limit_text(limit, docs),
-        "processes": int(os.environ.get("WORLD_SIZE", "1")),
-        "seconds": round(time.perf_counter() - start, 1),
-        "rows": rows,
-        "dense": dense_results,
-        "compressed": results,
-        "gate": {"tasks": gated, "threshold": threshold, "failures": failures, "passed": not failures},
-    }
+    failures = gate_failures(rows, plan.gated, plan.threshold) if dense else []
+    report = eval_report(path, source, recipe, plan, rows, dense_results, results, failures)
+    report["seconds"] = round(time.perf_counter() - start, 1)
     update_manifest(path, eval=report)
     if out:
         stem = Path(out) / f"eval-{path.name}"
@@ -211,3 +217,25 @@ def run_eval(
     if failures:
         raise GateError(f"accuracy gate failed for {path.name} (recipe {recipe.name}): " + "; ".join(failures))
     return report
+
+
+def eval_report(path: Path, source: ModelSource, recipe: Recipe, plan: EvalPlan, rows, dense, results, failures):
+    import lm_eval
+
+    return {
+        "artifact": str(path),
+        "source": source.name,
+        "recipe": recipe.name,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "lm_eval": lm_eval.__version__,
+        "tasks": plan.tasks,
+        "limit": plan.limit,
+        "docs": plan.docs,
+        "limit_text": limit_text(plan.limit, plan.docs),
+        "processes": int(os.environ.get("WORLD_SIZE", "1")),
+        "seconds": None,
+        "rows": rows,
+        "dense": dense,
+        "compressed": results,
+        "gate": {"tasks": plan.gated, "threshold": plan.threshold, "failures": failures, "passed": not failures},
+    }

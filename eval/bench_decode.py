@@ -299,7 +299,7 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main(argv=None, prog=None) -> int:
+def build_parser(prog=None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -324,12 +324,22 @@ def main(argv=None, prog=None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--cache", default="artifacts/bench", help="where the benchmark's artifacts are kept")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None, prog=None) -> int:
+    args = build_parser(prog).parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
+    rows = run_all(args)
+    write_results(rows, args)
+    return 0
 
-    # Batch sizes at the shortest prompt, and every prompt length at batch 1.
+
+def run_all(args) -> list[dict]:
+    """Each model x (batch, prompt) x runtime in a fresh process: batch sizes at the shortest prompt, and every
+    prompt length at batch 1."""
     shapes = sorted({(b, min(args.prompts)) for b in args.batches} | {(1, p) for p in args.prompts})
     rows = []
     for model in args.models:
@@ -352,11 +362,14 @@ def main(argv=None, prog=None) -> int:
                     spec["prompt_ids"] = prompt_ids(paths["source"], prompt)
                 rows.append(run_fresh(spec))
                 print(json.dumps(rows[-1]), flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    return rows
 
+
+def write_results(rows: list[dict], args) -> None:
     from ..kernels import cpu_paths
 
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     peers = [r for r in args.runtimes if r in bench_llamacpp.PEERS]
     meta = {
         "peer": bench_llamacpp.describe() if peers else "llama.cpp peer not run (make install-bench, then make bench)",
@@ -375,7 +388,6 @@ def main(argv=None, prog=None) -> int:
     (out / "bench.md").write_text(header + markdown(rows))
     plot(rows, out / "bench.png")
     print(header + markdown(rows))
-    return 0
 
 
 if __name__ == "__main__":
