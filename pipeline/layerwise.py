@@ -155,11 +155,21 @@ def _stop_after(module):
 
 
 @torch.no_grad()
-def collect_input_stats(block, linears: dict, names: list[str], hidden, block_kwargs, gram: bool) -> dict:
-    """InputStats over all calibration tokens for each linear in `names`; the forward stops after the last one."""
-    stats = {name: InputStats(linears[name].in_features, gram) for name in names}
-    handles = [linears[name].register_forward_hook(stats[name]) for name in names]
-    handles.append(_stop_after(linears[names[-1]]))
+def collect_input_stats(
+    block, linears: dict, names: list[str], hidden, block_kwargs, gram: bool, shared_input: bool = True
+) -> dict:
+    """InputStats over all calibration tokens for each linear in `names`. With `shared_input` (a group from
+    input_groups: the linears read one tensor), the statistics are taken once, from the first linear's input, and the
+    forward stops there, before the group's own linears run; otherwise each linear's own input is used and the
+    forward stops after the last one."""
+    if shared_input:
+        shared = InputStats(linears[names[0]].in_features, gram)
+        stats = {name: shared for name in names}
+        handles = [linears[names[0]].register_forward_pre_hook(_record_and_stop(shared))]
+    else:
+        stats = {name: InputStats(linears[name].in_features, gram) for name in names}
+        handles = [linears[name].register_forward_hook(stats[name]) for name in names]
+        handles.append(_stop_after(linears[names[-1]]))
     try:
         for h in hidden:
             try:
@@ -170,6 +180,14 @@ def collect_input_stats(block, linears: dict, names: list[str], hidden, block_kw
         for handle in handles:
             handle.remove()
     return stats
+
+
+def _record_and_stop(stats: InputStats):
+    def hook(module, args):
+        stats(module, args, None)
+        raise _StopForward
+
+    return hook
 
 
 def _prune_linear(name: str, module, config: PruneConfig, stats: InputStats | None = None) -> LayerRecord:
@@ -216,7 +234,9 @@ def prune_layerwise(
             groups = [[name for group in groups for name in group]]
         done = {}
         for group in groups:
-            stats = collect_input_stats(step.block, linears, group, step.inputs, step.kwargs, config.refit)
+            stats = collect_input_stats(
+                step.block, linears, group, step.inputs, step.kwargs, config.refit, shared_input=config.sequential
+            )
             done.update({name: _prune_linear(name, linears[name], config, stats[name]) for name in group})
             del stats
         records += [done[name] for name in linears]
