@@ -138,3 +138,49 @@ def test_quantize_stage_leaves_the_model_and_gptq_beats_rounding_on_the_block_ou
         errors[method] = sum((o - r).square().sum() for o, r in zip(out, reference, strict=True))
         tiny.load_state_dict(before)
     assert errors["gptq"] < errors["rtn"]
+
+
+@pytest.mark.parametrize("stage", ["wanda", "gptq"])
+def test_attention_replay_changes_nothing_but_runs_attention_once_per_window(
+    tiny_model_dir, windows, monkeypatch, stage
+):
+    """The block walk hands back an attention result a later pass asks for again with equal q/k/v: the stage's
+    result is bit for bit the one computed without it (budget 0: nothing kept), and it does hand results back."""
+    from sparamx.pipeline import layerwise
+
+    base = layerwise.AttentionReplay
+
+    def run(budget: int):
+        replays = []
+
+        class Replay(base):
+            def __init__(self, inner):
+                super().__init__(inner, budget_bytes=budget)
+                replays.append(self)
+
+            def reset(self):
+                self.total_hits = getattr(self, "total_hits", 0) + getattr(self, "hits", 0)
+                super().reset()
+
+        monkeypatch.setattr(layerwise, "AttentionReplay", Replay)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+        implementation = model.config._attn_implementation
+        if stage == "wanda":
+            config = PruneConfig(method="wanda", sparsity=0.5, refit=True, adaptive_mask=True)
+            prune_layerwise(model, config, windows, progress=False)
+            result = {n: p.detach().clone() for n, p in model.named_parameters()}
+        else:
+            names = [n for i, b in enumerate(model.model.layers) for n in linear_modules(b, f"model.layers.{i}")]
+            result = quantize_weights(model, names, QuantizeConfig("int8", method="gptq"), windows, progress=False)
+        assert model.config._attn_implementation == implementation  # restored after the walk
+        return result, sum(r.total_hits + r.hits for r in replays)
+
+    replayed, hits = run(512 << 20)
+    plain, no_hits = run(0)
+    assert hits >= 3 * len(windows) and no_hits == 0
+    assert replayed.keys() == plain.keys()
+    for name, value in replayed.items():
+        if stage == "gptq":
+            assert torch.equal(value[0], plain[name][0]) and torch.equal(value[1], plain[name][1]), name
+        else:
+            assert torch.equal(value, plain[name]), name
