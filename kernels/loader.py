@@ -9,14 +9,12 @@ import torch
 from ..pipeline.artifact_reader import (
     PACKED_KEYS,
     assign_state,
-    build_skeleton,
     check_target,
     checked_packed,
+    dense_model,
     int8_dense_weights,
-    read_config,
-    read_dense_model,
     read_manifest,
-    read_tensors,
+    read_skeleton,
 )
 from ..pipeline.models import decoder_layers, linear_modules
 from . import cpu_paths, ops
@@ -42,7 +40,7 @@ def load(path: str | Path, dtype: torch.dtype = torch.bfloat16, verify: bool = T
     if kernels:
         model = _kernel_model(path, manifest, dtype, verify)
     else:
-        model = read_dense_model(path, dtype, ops.bitmap_unpack, verify=verify)
+        model = dense_model(path, manifest, dtype, ops.bitmap_unpack, verify=verify)
     model.eval()
     model.sparamx_manifest = manifest
     model.sparamx_runtime = f"sparamx kernels: {cpu_paths.describe_isa()}" if kernels else "torch (weights unpacked)"
@@ -63,9 +61,7 @@ def _use_kernels(path: Path) -> bool:
 
 
 def _kernel_model(path: Path, manifest: dict, dtype: torch.dtype, verify: bool):
-    tensors = read_tensors(path, manifest, verify=verify)
-    config = read_config(path)
-    model = build_skeleton(path, config, dtype, tensors)
+    model, config, tensors = read_skeleton(path, manifest, dtype, verify)
     state = {name: t for name, (_, t) in tensors.items()}
     swapped = _swap_packed(model, config, path, tensors, state)
     assign_state(model, config, path, state, swapped, dtype)

@@ -221,15 +221,25 @@ def assign_state(model, config, path: Path, state: dict, replaced: set[str], dty
     model.tie_weights()
 
 
-def read_dense_model(path: str | Path, dtype: torch.dtype, unpack: Callable, verify: bool = True):
-    """The artifact as a plain transformers model: packed linears unpacked by `unpack` (the C++ op, or the pure-torch
-    reference), int8 weights dequantized; in eval mode, with `sparamx_manifest` set."""
-    path = Path(path)
-    manifest = read_manifest(path)
+def read_skeleton(path: Path, manifest: dict, dtype: torch.dtype, verify: bool = True):
+    """(model skeleton, config, stored tensors) of the artifact at `path` whose manifest is `manifest`."""
     tensors = read_tensors(path, manifest, verify=verify)
     config = read_config(path)
-    model = build_skeleton(path, config, dtype, tensors)
+    return build_skeleton(path, config, dtype, tensors), config, tensors
+
+
+def dense_model(path: Path, manifest: dict, dtype: torch.dtype, unpack: Callable, verify: bool = True):
+    """The artifact as a plain transformers model: packed linears unpacked by `unpack` (the C++ op, or the pure-torch
+    reference), int8 weights dequantized."""
+    model, config, tensors = read_skeleton(path, manifest, dtype, verify)
     assign_state(model, config, path, dense_tensors(tensors, unpack), set(), dtype)
-    model.eval()
+    return model
+
+
+def read_dense_model(path: str | Path, dtype: torch.dtype, unpack: Callable, verify: bool = True):
+    """dense_model of the artifact at `path`, in eval mode, with `sparamx_manifest` set."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    model = dense_model(path, manifest, dtype, unpack, verify).eval()
     model.sparamx_manifest = manifest
     return model
