@@ -92,11 +92,10 @@ class AttentionReplay:
 
     NAME = "sparamx_calibration_replay"
 
-    def __init__(self, inner: str | None, budget_bytes: int = 512 << 20):
+    def __init__(self, inner: str, budget_bytes: int = 512 << 20):
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-        from transformers.models.llama.modeling_llama import eager_attention_forward
 
-        self._inner = ALL_ATTENTION_FUNCTIONS.get_interface(inner, eager_attention_forward)
+        self._inner = ALL_ATTENTION_FUNCTIONS[inner]
         self._budget = budget_bytes
         self.reset()
 
@@ -133,25 +132,31 @@ class BlockWalk:
 
     def __iter__(self):
         from transformers import AttentionInterface
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         config = self._config
         inner = config._attn_implementation
-        replay = AttentionReplay(inner)
-        AttentionInterface.register(AttentionReplay.NAME, replay)
+        # Only an implementation from the registry can be wrapped; a model's own eager attention runs as it is.
+        replay = AttentionReplay(inner) if inner in ALL_ATTENTION_FUNCTIONS else None
+        if replay is not None:
+            AttentionInterface.register(AttentionReplay.NAME, replay)
+            config._attn_implementation = AttentionReplay.NAME
         bar = tqdm(range(len(self.layers)), desc=self._desc, unit="layer", disable=not self._progress)
         try:
             for i in bar:
                 start = time.perf_counter()
-                config._attn_implementation = AttentionReplay.NAME
                 step = BlockStep(i, self.layers[i], self.hidden(), self.kwargs)
                 yield step
                 self._pending = step
                 if i + 1 < len(self.layers):
                     self.hidden()  # the outputs, while this block's attention results are still kept
-                replay.reset()
+                if replay is not None:
+                    replay.reset()
                 bar.set_postfix(seconds=f"{time.perf_counter() - start:.1f}")
         finally:
             config._attn_implementation = inner
+            if replay is not None:
+                replay.reset()  # no tensors stay referenced from the global registry
 
     def hidden(self) -> list[torch.Tensor]:
         """The activations after the last block stepped (its outputs are computed on first need: the last block's
