@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from ..pipeline.artifact_format import MANIFEST
 from ..pipeline.artifact_reader import (
     PACKED_KEYS,
     assign_state,
@@ -13,15 +14,26 @@ from ..pipeline.artifact_reader import (
     checked_packed,
     dense_model,
     int8_dense_weights,
+    read_config,
     read_manifest,
     read_skeleton,
 )
+from ..pipeline.errors import ArtifactError, ModelError, RecipeError
+from ..pipeline.kv_sparsity import KVConfig
 from ..pipeline.models import decoder_layers, linear_modules
 from . import cpu_paths, ops
+from . import kv_cache as kv_cache_module
 from .modules import DenseLinear, SparseLinear
 
 
-def load(path: str | Path, dtype: torch.dtype = torch.bfloat16, verify: bool = True, kernels: bool | None = None):
+def load(
+    path: str | Path,
+    dtype: torch.dtype = torch.bfloat16,
+    verify: bool = True,
+    kernels: bool | None = None,
+    kv_sparsity: tuple[float, float] | None = None,
+    kv_cache: bool | None = None,
+):
     """Load the artifact at `path` -> (model, tokenizer).
 
     kernels=True: every decoder linear runs on our kernels: bitmap ones as SparseLinear (weights stay packed), dense
@@ -31,20 +43,50 @@ def load(path: str | Path, dtype: torch.dtype = torch.bfloat16, verify: bool = T
     kernels=None (default): True where the CPU runs our AVX2 / AVX-512 / AMX kernels or SPARAMX_ISA forces a path, else
     False with a warning (`cpu_paths.kernels_preferred`). `model.sparamx_runtime` says which.
     `verify` checks each file's sha256 first.
+    kv_cache=True: generate() decodes through our KV cache and decode-attention op (kernels/kv_cache.py), with the
+    artifact's recorded kv settings, (k, v) sparsity overridden by `kv_sparsity`; default: where kernels run and the
+    model family is supported. kv_cache=False: transformers' own cache and attention.
     """
     from transformers import AutoTokenizer
 
     path = Path(path)
     manifest = read_manifest(path)
     kernels = _use_kernels(path) if kernels is None else kernels
+    kv = _kv_settings(path, manifest, kv_sparsity, kv_cache, kernels)
     if kernels:
         model = _kernel_model(path, manifest, dtype, verify)
     else:
         model = dense_model(path, manifest, dtype, ops.bitmap_unpack, verify=verify)
     model.eval()
+    if kv is not None:
+        kv_cache_module.install(model, kv)
     model.sparamx_manifest = manifest
     model.sparamx_runtime = f"sparamx kernels: {cpu_paths.describe_isa()}" if kernels else "torch (weights unpacked)"
     return model, AutoTokenizer.from_pretrained(path)
+
+
+def _kv_settings(path: Path, manifest: dict, sparsity, wanted: bool | None, kernels: bool) -> KVConfig | None:
+    """The KV cache to install (None: transformers' own), checked against the model family before any weight is
+    read."""
+    recorded = manifest.get("kv_sparsity") or {}
+    try:
+        kv = KVConfig.from_dict(recorded)
+    except RecipeError as exc:
+        raise ArtifactError(f"{path / MANIFEST}: kv_sparsity: {exc}") from exc
+    if sparsity is not None:
+        k, v = sparsity
+        kv = KVConfig(**{**kv.to_dict(), "k_sparsity": k, "v_sparsity": v})
+    if wanted is False:
+        if sparsity is not None and kv.sparse:
+            raise RecipeError("kv_sparsity needs the sparamx KV cache: it cannot be used with kv_cache=False")
+        return None
+    try:
+        kv_cache_module.check_supported(read_config(path))
+    except ModelError:
+        if wanted or sparsity is not None or kv.sparse:
+            raise
+        return None  # a family our cache does not serve runs transformers' cache, as asked by nobody otherwise
+    return kv if (wanted or kernels or kv.sparse) else None
 
 
 def _use_kernels(path: Path) -> bool:

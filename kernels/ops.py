@@ -61,6 +61,21 @@ def dense_linear(
     return torch.ops.sparamx.dense_linear.default(x, *packed, out_features, in_features, weight_scale, bias, isa())
 
 
+def decode_attention(
+    q: Tensor,
+    k: tuple[Tensor, Tensor, Tensor],
+    v: tuple[Tensor, Tensor, Tensor],
+    packed: int,
+    tail: int,
+    valid: Tensor | None,
+    scale: float,
+) -> Tensor:
+    """Attention of one query token per sequence, q [B, Hq, head_dim], over a layer's cache: k and v are each
+    (values, masks, tail) as kernels/kv_cache.py keeps them, the first `packed` tokens pruned, then `tail` dense ones;
+    valid [B, packed + tail] bool marks the attended tokens (None: all). -> [B, Hq, head_dim] of q's dtype."""
+    return torch.ops.sparamx.decode_attention.default(q, *k, *v, packed, tail, valid, scale, isa())
+
+
 @functools.cache
 def packed_layout() -> tuple[int, int, int]:
     """(output rows per block, bf16 columns per chunk, int8 columns per chunk) of the prepacked layout
@@ -84,6 +99,11 @@ def _(x, values, masks, block_offsets, row_sums, out_features, in_features, weig
 @torch.library.register_fake("sparamx::dense_linear")
 def _(x, values, row_sums, out_features, in_features, weight_scale=None, bias=None, isa="auto"):
     return x.new_empty((*x.shape[:-1], out_features))
+
+
+@torch.library.register_fake("sparamx::decode_attention")
+def _(q, k_values, k_masks, k_tail, v_values, v_masks, v_tail, packed, tail, valid, scale, isa="auto"):
+    return q.new_empty(q.shape)
 
 
 @torch.library.register_fake("sparamx::bitmap_prepack")

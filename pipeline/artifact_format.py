@@ -121,10 +121,11 @@ def new_manifest(
     layers: list[LayerRecord],
     smoothquant: list[dict] | None,
     int8_head: str | None,
+    kv: dict,
     versions: dict[str, str],
 ) -> dict:
-    """sparamx.json's fields as the writer sets them (it adds format, format_version and files); `eval` and
-    `kv_sparsity` are filled by later commands."""
+    """sparamx.json's fields as the writer sets them (it adds format, format_version and files); `eval` is filled by
+    `sparamx eval`. `kv_sparsity`: the recipe's kv settings, which sparamx.load applies unless told otherwise."""
     return {
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "created_by": {**versions, "python": platform.python_version()},
@@ -134,6 +135,6 @@ def new_manifest(
         "layers": [r.to_dict() for r in layers],
         "smoothquant": smoothquant,
         "lm_head": {"name": int8_head, "kind": "dense", "dtype": "int8"} if int8_head else None,
-        "kv_sparsity": None,
+        "kv_sparsity": kv,
         "eval": None,
     }

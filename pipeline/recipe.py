@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from .errors import RecipeError
+from .kv_sparsity import KVConfig
 from .pruning import PRUNING_METHODS
 
 GROUPS = ("row", "layer")
@@ -180,6 +181,7 @@ class Recipe:
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    kv: KVConfig = field(default_factory=KVConfig)  # the KV cache sparamx.load installs (recorded in sparamx.json)
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:

@@ -85,6 +85,7 @@ def compress(
             records,
             smoothing,
             head,
+            recipe.kv.to_dict(),
             {"sparamx": __version__, "torch": torch.__version__},
         )
         structure = recipe.prune.pattern if recipe.prune.nm else "unstructured"

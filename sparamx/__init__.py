@@ -7,14 +7,18 @@ report = sparamx.compress("smollm2-135m", recipe="wanda-50", out="artifacts/..."
 __version__ = "0.1.0"
 
 
-def load(path, dtype=None, verify: bool = True, kernels: bool | None = None):
+def load(path, dtype=None, verify: bool = True, kernels: bool | None = None, kv_sparsity=None, kv_cache=None):
     """Load an artifact directory -> (transformers model, tokenizer); packed linears run on our kernels where the CPU
-    has AVX-512 (or kernels=True), else they are unpacked to dense torch weights (or kernels=False)."""
+    has AVX2 or better (or kernels=True), else they are unpacked to dense torch weights (or kernels=False).
+    generate() decodes through our KV cache and attention op with the artifact's kv settings; kv_sparsity=(k, v)
+    overrides its sparsities, kv_cache=False keeps transformers' cache (sparamx.kernels.loader.load has the rules)."""
     import torch
 
     from .kernels.loader import load as _load
 
-    return _load(path, dtype=dtype or torch.bfloat16, verify=verify, kernels=kernels)
+    return _load(
+        path, dtype=dtype or torch.bfloat16, verify=verify, kernels=kernels, kv_sparsity=kv_sparsity, kv_cache=kv_cache
+    )
 
 
 def compress(model=None, recipe="wanda-50", out=None, calib=None, overwrite=False, progress=True):

@@ -18,6 +18,7 @@ EPILOG = """examples:
   sparamx inspect artifacts/smollm2-135m-wanda-50
   sparamx generate artifacts/smollm2-135m-wanda-50 --prompt "The capital of France is"
   sparamx generate artifacts/smollm2-135m-wanda-50 --chat --prompt "What is the capital of France?"
+  sparamx generate artifacts/smollm2-135m-wanda-50 --kv-sparsity 0.5,0.5 --prompt "The capital of France is"
   sparamx eval artifacts/smollm2-135m-wanda-50 --limit 200
   accelerate launch --multi_gpu --num_processes 2 -m sparamx.cli eval artifacts/smollm2-135m-wanda-50  # CPU, gloo
 """
@@ -80,7 +81,7 @@ def cmd_generate(args) -> int:
 
     from . import load
 
-    model, tokenizer = load(args.path)
+    model, tokenizer = load(args.path, kv_sparsity=args.kv_sparsity, kv_cache=False if args.no_kv_cache else None)
     if args.chat:
         messages = [{"role": "user", "content": args.prompt}]
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
@@ -92,7 +93,12 @@ def cmd_generate(args) -> int:
         out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=streamer)
     new = out.shape[1] - ids.input_ids.shape[1]
     seconds = time.perf_counter() - start
-    print(f"[{new} tokens in {seconds:.2f}s, {new / seconds:.1f} tokens/s; {model.sparamx_runtime}]", file=sys.stderr)
+    kv = getattr(model, "sparamx_kv", None)
+    cache = f"KV cache {kv.k_sparsity:g} / {kv.v_sparsity:g} sparse" if kv else "transformers' KV cache"
+    print(
+        f"[{new} tokens in {seconds:.2f}s, {new / seconds:.1f} tokens/s; {model.sparamx_runtime}; {cache}]",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -186,7 +192,30 @@ def add_inspect_and_generate(sub) -> None:
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--max-new-tokens", type=int, default=32)
     generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    add_kv_options(generate)
     generate.set_defaults(func=cmd_generate)
+
+
+def kv_sparsity_arg(text: str) -> tuple[float, float]:
+    from .pipeline.kv_sparsity import parse_kv_sparsity
+
+    try:
+        return parse_kv_sparsity(text)
+    except SparamxError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_kv_options(parser) -> None:
+    parser.add_argument(
+        "--kv-sparsity",
+        type=kv_sparsity_arg,
+        metavar="K,V",
+        help="fraction of each cached K and V vector dropped in generation, e.g. 0.5,0.5 (default: the artifact's "
+        "recipe, else 0,0: our dense cache)",
+    )
+    parser.add_argument(
+        "--no-kv-cache", action="store_true", help="decode with transformers' own KV cache and attention instead"
+    )
 
 
 def add_eval(sub) -> None:

@@ -77,6 +77,20 @@ def test_generate_prints_a_completion_and_speed(artifact):
     assert "<|im_start|>" not in chat.stdout and "4 tokens" in chat.stderr
 
 
+def test_generate_with_a_sparse_kv_cache(artifact):
+    result = run_cli(
+        "generate", str(artifact), "--prompt", "Hello", "--max-new-tokens", "4", "--kv-sparsity", "0.5,0.5"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Hello") and "KV cache 0.5 / 0.5 sparse" in result.stderr
+    plain = run_cli("generate", str(artifact), "--prompt", "Hello", "--max-new-tokens", "4", "--no-kv-cache")
+    assert plain.returncode == 0 and "transformers' KV cache" in plain.stderr
+    both = run_cli("generate", str(artifact), "--prompt", "x", "--kv-sparsity", "0.5", "--no-kv-cache")
+    assert both.returncode == 2 and "kv_cache=False" in both.stderr
+    bad = run_cli("generate", str(artifact), "--prompt", "x", "--kv-sparsity", "0.5,1.5")
+    assert bad.returncode == 2 and "kv.v_sparsity must be a number in [0, 1)" in bad.stderr
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

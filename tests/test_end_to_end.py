@@ -10,6 +10,7 @@ from safetensors import safe_open
 import sparamx
 from sparamx.eval.perplexity import perplexity, token_perplexity, window_nlls
 from sparamx.kernels import cpu_paths
+from sparamx.kernels.kv_cache import SparseKVCache
 from sparamx.kernels.modules import SparseLinear
 from sparamx.pipeline.artifact_format import PACKED_KEYS
 from sparamx.pipeline.artifact_reader import packed_prefixes
@@ -159,6 +160,25 @@ def test_loaded_artifact_completes_the_prompt(artifacts, dense, report):
         report(f"generate {name}: {text!r} (perplexity of the completion under the dense model: {fluency:.1f})")
         assert len(set(completions[name][0].tolist())) >= 6, text  # not one token repeated
     assert "Paris" in tokenizer.decode(completions["dense"][0])
+
+
+def test_generate_streams_text_through_a_sparse_kv_cache(artifacts, wikitext, capsys, report):
+    """`sparamx generate --kv-sparsity 0.5,0.5` on a prompt longer than the cache's dense `recent` window: the older
+    tokens are packed, and the model still writes varied text."""
+    from sparamx.cli import main
+
+    prompt = wikitext[5000:7000]
+    assert main(["generate", str(artifacts["wanda-50"]), "--prompt", prompt, "--kv-sparsity", "0.5,0.5"]) == 0
+    out = capsys.readouterr()
+    completion = out.out[len(prompt) :]
+    assert out.out.startswith(prompt[:100]) and len(set(completion.split())) >= 6, completion
+    assert "KV cache 0.5 / 0.5 sparse" in out.err
+    report(f"generate wanda-50, KV 50%/50%: {completion.strip()[:120]!r}")
+    model, tokenizer = sparamx.load(artifacts["wanda-50"], kv_sparsity=(0.5, 0.5))
+    cache = SparseKVCache(model.config, model.sparamx_kv)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    model.generate(ids, attention_mask=torch.ones_like(ids), cache=cache, max_new_tokens=2, do_sample=False)
+    assert cache.layers[0].packed == ids.shape[1] - model.sparamx_kv.recent  # folded at the first decode step
 
 
 def test_eval_gate_passes_wanda_and_fails_magnitude_90(artifacts, tmp_path, monkeypatch, capsys, report):

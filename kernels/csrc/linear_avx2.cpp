@@ -1,7 +1,7 @@
 // AVX2 path of the linear kernels (AVX2, FMA, BMI2; no AVX-512), any M, on the AVX-512 path's prepacked layout.
 //
-// Bitmap expansion without vpexpand: each mask byte covers 8 columns, and a 256-entry table holds, per mask byte, the
-// byte shuffle that moves the row's next popcount(byte) values into those columns (zeros elsewhere). Where each
+// Bitmap expansion without vpexpand: each mask byte covers 8 columns, and a 256-entry table (avx2_expand.h) holds, per
+// mask byte, the byte shuffle that moves the row's next popcount(byte) values into those columns. Where each
 // byte's values start is the popcount of the mask bits below it (independent popcounts, not a chain). bf16: 8 values
 // (16 bytes, broadcast to both 128-bit lanes) go by one vpshufb straight into the high halves of 8 fp32 lanes, so the
 // shuffle also widens. int8: two mask bytes give 16 values,
@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "avx2_expand.h"
 #include "block_walk.h"
 #include "linear_kernels.h"
 #include "packed_format.h"
@@ -22,33 +23,10 @@ namespace {
 
 constexpr int64_t kPrefetchBytes = 4096;  // as the AVX-512 path's (linear_avx512.cpp)
 
-struct ExpandTables {
-  // Mask byte -> vpshufb control for 16 bytes (8 bf16) broadcast to both lanes: fp32 lane j gets the next value's
-  // two bytes in its high half when bit j is set, zero otherwise.
-  alignas(32) uint8_t bf16[256][32];
-  // Mask byte -> pshufb control for 8 int8 values: byte j gets the next value when bit j is set; bytes 8-15 zero.
-  alignas(16) uint8_t int8[256][16];
-
-  ExpandTables() {
-    for (int m = 0; m < 256; ++m) {
-      int rank = 0;
-      for (int j = 0; j < 8; ++j) {
-        const bool set = (m >> j) & 1;
-        uint8_t* lane = bf16[m] + 4 * j;
-        lane[0] = lane[1] = 0x80;
-        lane[2] = set ? static_cast<uint8_t>(2 * rank) : 0x80;
-        lane[3] = set ? static_cast<uint8_t>(2 * rank + 1) : 0x80;
-        int8[m][j] = set ? static_cast<uint8_t>(rank) : 0x80;
-        int8[m][8 + j] = 0x80;
-        rank += set;
-      }
-    }
-  }
-};
-
-const ExpandTables kTables;  // built at load time, outside the AVX2 region below
-
 }  // namespace
+
+const ExpandTables kExpandTables;
+
 }  // namespace sparamx
 
 // Last: no inline function of a header may be compiled for AVX2 (see isa_intrinsics.h).
@@ -78,7 +56,7 @@ inline __m256 bf16x8(const uint8_t* v, unsigned bits) {
   if constexpr (Sparse) {
     const __m256i raw = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v)));
     return _mm256_castsi256_ps(
-        _mm256_shuffle_epi8(raw, _mm256_load_si256(reinterpret_cast<const __m256i*>(kTables.bf16[bits]))));
+        _mm256_shuffle_epi8(raw, _mm256_load_si256(reinterpret_cast<const __m256i*>(kExpandTables.bf16[bits]))));
   } else {
     const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v));
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
@@ -90,7 +68,7 @@ inline __m256 bf16x8(const uint8_t* v, unsigned bits) {
 inline __m128i int8x8(const uint8_t* v, uint64_t bits, int j) {
   const uint64_t row = (j == 0 ? bits << 4 : bits >> (8 * j - 4)) & 0xFF0;
   return _mm_shuffle_epi8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(v)),
-                          _mm_load_si128(reinterpret_cast<const __m128i*>(&kTables.int8[0][0] + row)));
+                          _mm_load_si128(reinterpret_cast<const __m128i*>(&kExpandTables.int8[0][0] + row)));
 }
 
 // Where each mask byte's values start in a row's run of values, for the 4 (bf16) or 8 (int8) bytes of a chunk's

@@ -32,6 +32,12 @@ TORCH_LIBRARY(sparamx, m) {
         "int out_features, int in_features, Tensor? weight_scale=None, Tensor? bias=None, str isa='auto') -> Tensor");
   m.def("dense_linear(Tensor x, Tensor values, Tensor row_sums, int out_features, int in_features, "
         "Tensor? weight_scale=None, Tensor? bias=None, str isa='auto') -> Tensor");
+  // Attention of one query token per sequence over a layer's KV cache (attention_kernels.h): q [B, Hq, head_dim];
+  // per K and V the first `packed` tokens pruned per token (values [B, H, cap, keep] bf16 + masks [B, H, cap,
+  // head_dim / 8]), then `tail` dense tokens [B, H, cap_tail, head_dim] bf16 or fp32; valid [B, packed + tail] bool
+  // marks the tokens attended (None: all). Returns [B, Hq, head_dim] in q's dtype. isa: as the linear ops'.
+  m.def("decode_attention(Tensor q, Tensor k_values, Tensor k_masks, Tensor k_tail, Tensor v_values, Tensor v_masks, "
+        "Tensor v_tail, int packed, int tail, Tensor? valid, float scale, str isa='auto') -> Tensor");
   // What the CPU can run, detected once per process, and what each kernel path needs (csrc/cpu_features.h).
   m.def("cpu_features() -> str[]", &sparamx::cpu_feature_names);
   m.def("kernel_paths() -> str[]", &sparamx::kernel_paths);

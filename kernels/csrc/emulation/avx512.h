@@ -1,8 +1,8 @@
 #pragma once
 // Software AVX-512 for the test-only emulated build (SPARAMX_EMULATED; tests/kernels/emulated.py): SIMDe (PyPI
 // simde-py) where it has the intrinsic, a few lines here where it does not (vpexpandb / vpexpandw of VBMI2, the
-// reduce-adds). Only what linear_avx512.cpp and linear_amx.cpp use is mapped, so a new intrinsic in the kernels fails
-// to compile here until it is added -- never silently runs something else.
+// reduce-adds). Only what linear_avx512.cpp, linear_amx.cpp and attention_avx512.cpp use is mapped, so a new
+// intrinsic in the kernels fails to compile here until it is added -- never silently runs something else.
 #include <cstdint>
 #include <cstring>
 
@@ -58,6 +58,14 @@ inline float reduce_add_ps(simde__m512 a) {  // halves added pairwise, as GCC's 
 #undef _mm512_maskz_expand_epi16
 #undef _mm512_reduce_add_epi32
 #undef _mm512_reduce_add_ps
+#undef _mm512_set1_ps
+#undef _mm512_max_ps
+#undef _mm512_mul_ps
+#undef _mm512_sub_ps
+#undef _mm512_add_ps
+#undef _mm512_roundscale_ps
+#undef _mm512_cvttps_epi32
+#undef _mm512_add_epi32
 #undef _mm_prefetch
 
 #define __m512i simde__m512i
@@ -78,6 +86,14 @@ inline float reduce_add_ps(simde__m512 a) {  // halves added pairwise, as GCC's 
 #define _mm512_cvtepu16_epi32 simde_mm512_cvtepu16_epi32
 #define _mm512_castsi512_si256 simde_mm512_castsi512_si256
 #define _mm512_extracti64x4_epi64 simde_mm512_extracti64x4_epi64
+#define _mm512_set1_ps simde_mm512_set1_ps
+#define _mm512_max_ps simde_mm512_max_ps
+#define _mm512_mul_ps simde_mm512_mul_ps
+#define _mm512_sub_ps simde_mm512_sub_ps
+#define _mm512_add_ps simde_mm512_add_ps
+#define _mm512_roundscale_ps simde_mm512_roundscale_ps
+#define _mm512_cvttps_epi32 simde_mm512_cvttps_epi32
+#define _mm512_add_epi32 simde_mm512_add_epi32
 #define _mm512_maskz_expand_epi8(k, a) sparamx::emulation::maskz_expand<int8_t, 64>(static_cast<uint64_t>(k), (a))
 #define _mm512_maskz_expand_epi16(k, a) sparamx::emulation::maskz_expand<int16_t, 32>(static_cast<uint32_t>(k), (a))
 #define _mm512_reduce_add_epi32 sparamx::emulation::reduce_add_epi32

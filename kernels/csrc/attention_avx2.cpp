@@ -1,0 +1,136 @@
+// AVX2 path of decode attention (attention_walk.h's walk), for CPUs without AVX-512: a packed token is expanded 8
+// elements per mask byte by avx2_expand.h's shuffle table (one vpshufb places 8 bf16 in the high halves of 8 fp32
+// lanes, so it also widens), each byte's values starting at the popcount of the mask bits below it. Scores and the
+// weighted sum as the AVX-512 path's, 8 elements a step. Needs dim % 8 == 0.
+#include <algorithm>
+#include <cstring>
+
+#include "attention_kernels.h"
+#include "attention_walk.h"
+#include "avx2_expand.h"
+
+// Last: no inline function of a header may be compiled for AVX2 (see isa_intrinsics.h).
+#include <immintrin.h>
+
+namespace sparamx {
+namespace {
+
+constexpr int kMaxHeads = 8;  // query heads per register pass; larger groups take several passes
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,popcnt,bmi,bmi2")
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// exp(x) for x <= 0, as the AVX-512 path's (Cephes' expf); exactly 0 from x < -88.4, so exp(-inf) = 0.
+inline __m256 exp_nonpositive(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-88.3762626647949f));
+  const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(0.693359375f)));
+  x = _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(-2.12194440e-4f)));
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(x, x), x), _mm256_set1_ps(1.0f));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
+}
+
+struct Avx2 {
+  static bool rows(const KvStream& s, const AttnProblem& p, int64_t bh, int64_t t0, int64_t n, float* out) {
+    const int64_t D = p.dim;
+    for (int64_t t = t0; t < t0 + n; ++t, out += D) {
+      if (t >= p.packed) {
+        if (const float* f32 = f32_row(s, bh, t - p.packed, D)) {
+          std::memcpy(out, f32, D * 4);
+          continue;
+        }
+        const uint16_t* src = bf16_row(s, bh, t - p.packed, D);
+        for (int64_t c = 0; c < D; c += 8) {
+          const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + c));
+          _mm256_storeu_ps(out + c, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16)));
+        }
+        continue;
+      }
+      const uint8_t* mask = s.masks + (bh * s.cap_packed + t) * (D / 8);
+      const uint16_t* v = s.values + (bh * s.cap_packed + t) * s.keep;
+      int64_t used = 0;
+      for (int64_t c = 0; c < D; c += 8) {
+        const unsigned bits = mask[c / 8];
+        const int count = _mm_popcnt_u32(bits);
+        if (used + count > s.keep) return false;
+        __m128i raw;
+        if (v + used + 8 <= s.values_end) {
+          raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v + used));
+        } else {  // the buffer's last values: copy, never load past its end
+          uint16_t tmp[8] = {};
+          std::memcpy(tmp, v + used, count * 2);
+          raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(tmp));
+        }
+        const __m256i shuffle = _mm256_load_si256(reinterpret_cast<const __m256i*>(kExpandTables.bf16[bits]));
+        _mm256_storeu_ps(out + c, _mm256_castsi256_ps(_mm256_shuffle_epi8(_mm256_broadcastsi128_si256(raw), shuffle)));
+        used += count;
+      }
+      if (used != s.keep) return false;
+    }
+    return true;
+  }
+
+  static void scores(const float* q, int64_t G, const float* rows, int64_t n, int64_t D, float* s) {
+    for (int64_t i0 = 0; i0 < G; i0 += kMaxHeads) {
+      const int64_t heads = std::min<int64_t>(kMaxHeads, G - i0);
+      for (int64_t t = 0; t < n; ++t) {
+        __m256 acc[kMaxHeads];
+        for (int i = 0; i < kMaxHeads; ++i) acc[i] = _mm256_setzero_ps();
+        for (int64_t c = 0; c < D; c += 8) {
+          const __m256 k = _mm256_loadu_ps(rows + t * D + c);
+          for (int i = 0; i < heads; ++i) acc[i] = _mm256_fmadd_ps(_mm256_loadu_ps(q + (i0 + i) * D + c), k, acc[i]);
+        }
+        for (int i = 0; i < heads; ++i) s[(i0 + i) * kAttnBlock + t] = hsum(acc[i]);
+      }
+    }
+  }
+
+  static void exp_shifted(float* s, int64_t n, float shift) {
+    float tmp[kAttnBlock + 8] = {};
+    std::memcpy(tmp, s, n * 4);
+    for (int64_t t = 0; t < n; t += 8) {
+      _mm256_storeu_ps(tmp + t, exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(tmp + t), _mm256_set1_ps(shift))));
+    }
+    std::memcpy(s, tmp, n * 4);
+  }
+
+  static void accumulate(const float* s, int64_t G, const float* rows, int64_t n, int64_t D, float* acc) {
+    for (int64_t i0 = 0; i0 < G; i0 += kMaxHeads) {
+      const int64_t heads = std::min<int64_t>(kMaxHeads, G - i0);
+      for (int64_t c = 0; c < D; c += 8) {
+        __m256 a[kMaxHeads];
+        for (int i = 0; i < heads; ++i) a[i] = _mm256_loadu_ps(acc + (i0 + i) * D + c);
+        for (int64_t t = 0; t < n; ++t) {
+          const __m256 v = _mm256_loadu_ps(rows + t * D + c);
+          for (int i = 0; i < heads; ++i) {
+            a[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(s + (i0 + i) * kAttnBlock + t), v, a[i]);
+          }
+        }
+        for (int i = 0; i < heads; ++i) _mm256_storeu_ps(acc + (i0 + i) * D + c, a[i]);
+      }
+    }
+  }
+};
+
+#pragma GCC pop_options
+
+}  // namespace
+
+bool avx2_attend(const AttnProblem& p, int64_t bh, int64_t t0, int64_t t1, const AttnPartial& out) {
+  return attend_range<Avx2>(p, bh, t0, t1, out);
+}
+
+}  // namespace sparamx

@@ -1,0 +1,54 @@
+#pragma once
+// What attention.cpp (checks, dispatch, the split over threads, the merge) hands the decode-attention paths:
+// attention_avx512.cpp, attention_avx2.cpp and the reference path in attention.cpp.
+//
+// The cache of one layer, per (batch, KV head) pair "bh": first `packed` tokens pruned per token to `keep` of `dim`
+// values -- a dim-bit mask (bit b of byte k = element 8k + b) and the kept values in element order -- then `tail`
+// dense tokens (bf16, or fp32 for an fp32 model). K and V each have their own keep; every buffer has room for more
+// tokens than it holds.
+#include <cstdint>
+
+namespace sparamx {
+
+struct KvStream {
+  const uint16_t* values;      // bf16 [BH][cap_packed][keep]
+  const uint16_t* values_end;  // one past the last allocated value: a SIMD load near it must not read past it
+  const uint8_t* masks;        // [BH][cap_packed][dim / 8]
+  const void* tail;            // [BH][cap_tail][dim], bf16 or (tail_f32) fp32
+  bool tail_f32;
+  int64_t keep, cap_packed, cap_tail;
+};
+
+struct AttnProblem {
+  const float* q;      // [B][H][G][dim]: the G query heads of each KV head, already times the softmax scale
+  KvStream k, v;
+  int64_t H, G, dim, packed, tail;
+  const bool* valid;   // [B][packed + tail], false: the token is not attended (padding); null: all are
+};
+
+// One work item's share: tokens [t0, t1) of one bh, as flash-decoding's partial softmax -- per query head the
+// running max m, the sum l of exp(score - m), and acc = sum of exp(score - m) * v (not yet divided by l).
+struct AttnPartial {
+  float* m;    // [G]
+  float* l;    // [G]
+  float* acc;  // [G][dim]
+};
+
+// Tokens per step of the walk (attention_walk.h): its K rows, then its V rows, expanded to fp32 stay in L1.
+constexpr int64_t kAttnBlock = 32;
+
+// A dense token's row, fp32 as it is stored: no conversion to make (null when the tail is bf16).
+inline const float* f32_row(const KvStream& s, int64_t bh, int64_t t, int64_t dim) {
+  return s.tail_f32 ? static_cast<const float*>(s.tail) + (bh * s.cap_tail + t) * dim : nullptr;
+}
+
+// A dense bf16 token's row.
+inline const uint16_t* bf16_row(const KvStream& s, int64_t bh, int64_t t, int64_t dim) {
+  return static_cast<const uint16_t*>(s.tail) + (bh * s.cap_tail + t) * dim;
+}
+
+// False when a packed token's mask does not hold exactly `keep` set bits.
+bool avx512_attend(const AttnProblem& p, int64_t bh, int64_t t0, int64_t t1, const AttnPartial& out);
+bool avx2_attend(const AttnProblem& p, int64_t bh, int64_t t0, int64_t t1, const AttnPartial& out);
+
+}  // namespace sparamx
