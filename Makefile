@@ -25,7 +25,8 @@ endif
 DEPS_STAMP := $(VENV)/.deps-installed
 BUILD_STAMP := $(VENV)/.ext-built
 
-.PHONY: help install install-bench prune eval test test-fast bench bench-kernels bench-crossover quality clean
+.PHONY: help install install-bench prune eval test test-fast bench bench-attention bench-kernels bench-crossover kv-accuracy \
+	quality clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
@@ -71,8 +72,15 @@ install-bench: install  ## build the llama.cpp peer for make bench (llama-cpp-py
 	# The same pin as setup.py's `bench` extra; installed alone so our extension is not rebuilt in isolation.
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install -q "llama-cpp-python==0.3.36"
 
-bench: install  ## decode benchmark, stock transformers vs our runtime per recipe -> eval/results/bench.{json,md,png}
+bench: install  ## decode benchmark, stock transformers vs our runtime per recipe -> eval/results/bench.*; then bench-attention
 	$(VENV)/bin/sparamx bench --out eval/results $(BENCH_ARGS)
+	$(PY) -m sparamx.eval.bench_attention --out eval/results
+
+bench-attention: install  ## decode attention, one Llama-3-8B layer: our op (dense / sparse cache) vs SDPA -> eval/results/attention.*
+	$(PY) -m sparamx.eval.bench_attention --out eval/results
+
+kv-accuracy: install  ## KV-cache sparsity's cost: teacher-forced decode on WikiText-2 at 1K/2K/4K -> eval/results/kv-accuracy.*
+	$(PY) -m sparamx.eval.kv_accuracy --out eval/results
 
 bench-kernels: install  ## kernel microbenchmark at Llama-3-8B shapes -> eval/results/kernels.*; ISA=avx2 forces a path -> kernels-avx2.*
 	$(PY) -m sparamx.eval.bench_kernels --out eval/results $(if $(ISA),--isa $(ISA))

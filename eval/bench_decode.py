@@ -30,6 +30,14 @@ RUNTIMES = {  # name -> recipe of the artifact it loads (None: stock transformer
     "sparamx 50% int8": "magnitude-50-int8",  # lm_head int8 too (quantize.lm_head); the next row keeps it bf16
     "sparamx 50% int8, bf16 lm_head": "magnitude-50-int8-bf16-head",
     "sparamx int8": "int8-unsmoothed",  # lm_head bf16, as in recipes/int8.yaml
+    "sparamx 50% int8, transformers KV cache": "magnitude-50-int8",
+    "sparamx 50% int8, KV 50%/50%": "magnitude-50-int8",
+}
+# How the runtimes above that differ in attention alone load their artifact (the others: sparamx.load's defaults,
+# which decode through our dense KV cache and attention op).
+LOAD_OPTIONS = {
+    "sparamx 50% int8, transformers KV cache": {"kv_cache": False},
+    "sparamx 50% int8, KV 50%/50%": {"kv_sparsity": (0.5, 0.5)},
 }
 # recipes/int8.yaml smooths first, which needs calibration and changes weight values but neither the bytes nor the
 # work of a forward: speed runs skip it.
@@ -189,7 +197,7 @@ def time_generate(spec: dict) -> tuple[float, list[float]]:
     if spec["artifact"]:
         import sparamx
 
-        model, _ = sparamx.load(spec["artifact"], verify=False)
+        model, _ = sparamx.load(spec["artifact"], verify=False, **LOAD_OPTIONS.get(spec["runtime"], {}))
     else:
         from ..pipeline.models import load_model, resolve_model
 

@@ -105,6 +105,12 @@ def cmd_generate(args) -> int:
 def cmd_eval(args) -> int:
     from .eval.accuracy import GateError, markdown, run_eval
 
+    if args.kv_sparsity is not None:
+        raise SparamxError(
+            "--kv-sparsity: lm-eval's loglikelihood and perplexity requests are one dense prefill each and never read "
+            "the KV cache, so its sparsity cannot change these scores; `make kv-accuracy` (python -m "
+            "sparamx.eval.kv_accuracy) measures its cost in teacher-forced decode"
+        )
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     try:
         report = run_eval(
@@ -242,6 +248,12 @@ def add_eval(sub) -> None:
     evaluate.add_argument("--threshold", type=float, help="recovery gate in (0, 1] (default: the recipe's)")
     evaluate.add_argument("--batch-size", type=int, default=4, help="lm-eval batch size (default: %(default)s)")
     evaluate.add_argument("--no-dense", action="store_true", help="skip the dense model (no recovery, no gate)")
+    evaluate.add_argument(
+        "--kv-sparsity",
+        type=kv_sparsity_arg,
+        metavar="K,V",
+        help="refused, with the reason: these tasks never read the KV cache (make kv-accuracy measures its cost)",
+    )
     evaluate.add_argument(
         "--out", default="eval/results", help="folder for the JSON and markdown (default: %(default)s)"
     )

@@ -97,6 +97,7 @@ def test_generate_with_a_sparse_kv_cache(artifact):
         (["inspect", "/nonexistent/artifact"], "artifact directory not found"),
         (["prune", "--recipe", "/nonexistent.yaml"], "/nonexistent.yaml: no such recipe file"),
         (["prune", "--model", "/nonexistent/model"], "no such model directory"),
+        (["eval", "/nonexistent/artifact", "--kv-sparsity", "0.5,0.5"], "never read the KV cache"),
     ],
 )
 def test_user_errors_are_one_line(args, message):

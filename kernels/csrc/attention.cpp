@@ -36,6 +36,7 @@ struct Reference {
   static bool rows(const KvStream& s, const AttnProblem& p, int64_t bh, int64_t t0, int64_t n, float* out) {
     const int64_t D = p.dim;
     for (int64_t t = t0; t < t0 + n; ++t, out += D) {
+      if (t + kAttnBlock < p.packed + p.tail) prefetch_token(s, bh, t + kAttnBlock, p.packed, D);
       if (t >= p.packed) {
         if (const float* f32 = f32_row(s, bh, t - p.packed, D)) {
           std::memcpy(out, f32, D * 4);
@@ -58,7 +59,7 @@ struct Reference {
     return true;
   }
 
-  static void scores(const float* q, int64_t G, const float* rows, int64_t n, int64_t D, float* s) {
+  static void row_scores(const float* q, int64_t G, const float* rows, int64_t n, int64_t D, float* s) {
     for (int64_t i = 0; i < G; ++i)
       for (int64_t t = 0; t < n; ++t) {
         float sum = 0.0f;
@@ -71,7 +72,7 @@ struct Reference {
     for (int64_t t = 0; t < n; ++t) s[t] = std::exp(s[t] - shift);
   }
 
-  static void accumulate(const float* s, int64_t G, const float* rows, int64_t n, int64_t D, float* acc) {
+  static void row_accumulate(const float* s, int64_t G, const float* rows, int64_t n, int64_t D, float* acc) {
     for (int64_t i = 0; i < G; ++i)
       for (int64_t t = 0; t < n; ++t)
         for (int64_t d = 0; d < D; ++d) acc[i * D + d] += s[i * kAttnBlock + t] * rows[t * D + d];
@@ -79,7 +80,7 @@ struct Reference {
 };
 
 bool reference_attend(const AttnProblem& p, int64_t bh, int64_t t0, int64_t t1, const AttnPartial& out) {
-  return attend_range<Reference>(p, bh, t0, t1, out);
+  return attend_range<RowsFirst<Reference>>(p, bh, t0, t1, out);
 }
 
 using AttendFn = bool (*)(const AttnProblem&, int64_t, int64_t, int64_t, const AttnPartial&);
@@ -87,7 +88,7 @@ using AttendFn = bool (*)(const AttnProblem&, int64_t, int64_t, int64_t, const A
 // isa as the linear ops take it; amx (tiles have nothing to do at one query row) runs the AVX-512 path it implies.
 AttendFn choose_attend(c10::string_view isa, int64_t dim) {
   const std::string name(isa);
-  const bool avx512_fits = dim % 32 == 0;
+  const bool avx512_fits = dim % 32 == 0 && dim <= kAvx512MaxDim;
   if (name == "auto") {
     if (avx512_fits && has_path(KernelPath::kAvx512)) return &avx512_attend;
     return has_path(KernelPath::kAvx2) ? &avx2_attend : &reference_attend;
@@ -98,7 +99,8 @@ AttendFn choose_attend(c10::string_view isa, int64_t dim) {
               c10::Join(", ", kernel_path_needs(name)), ")");
   if (path == KernelPath::kReference) return &reference_attend;
   if (path == KernelPath::kAvx2) return &avx2_attend;
-  TORCH_CHECK(avx512_fits, "decode_attention: the avx512 path needs head_dim % 32 == 0, got ", dim);
+  TORCH_CHECK(avx512_fits, "decode_attention: the avx512 path needs head_dim % 32 == 0 and <= ", kAvx512MaxDim,
+              ", got ", dim);
   return &avx512_attend;
 }
 

@@ -15,8 +15,6 @@
 namespace sparamx {
 namespace {
 
-constexpr int kMaxHeads = 8;  // query heads per register pass; larger groups take several passes
-
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c,popcnt,bmi,bmi2")
 
@@ -43,10 +41,45 @@ inline __m256 exp_nonpositive(__m256 x) {
   return _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
 }
 
+// s[i][t] = q_i . row_t for query heads [i0, i0 + Heads): one load of each K row chunk serves every head.
+template <int Heads>
+struct HeadScores {
+  static bool run(int64_t i0, const float* q, const float* rows, int64_t n, int64_t D, float* s) {
+    for (int64_t t = 0; t < n; ++t) {
+      __m256 acc[Heads];
+      for (int i = 0; i < Heads; ++i) acc[i] = _mm256_setzero_ps();
+      for (int64_t c = 0; c < D; c += 8) {
+        const __m256 k = _mm256_loadu_ps(rows + t * D + c);
+        for (int i = 0; i < Heads; ++i) acc[i] = _mm256_fmadd_ps(_mm256_loadu_ps(q + (i0 + i) * D + c), k, acc[i]);
+      }
+      for (int i = 0; i < Heads; ++i) s[(i0 + i) * kAttnBlock + t] = hsum(acc[i]);
+    }
+    return true;
+  }
+};
+
+// acc_i += sum_t s[i][t] * row_t for query heads [i0, i0 + Heads), 8 elements at a time.
+template <int Heads>
+struct HeadAccumulate {
+  static bool run(int64_t i0, const float* s, const float* rows, int64_t n, int64_t D, float* acc) {
+    for (int64_t c = 0; c < D; c += 8) {
+      __m256 a[Heads];
+      for (int i = 0; i < Heads; ++i) a[i] = _mm256_loadu_ps(acc + (i0 + i) * D + c);
+      for (int64_t t = 0; t < n; ++t) {
+        const __m256 v = _mm256_loadu_ps(rows + t * D + c);
+        for (int i = 0; i < Heads; ++i) a[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(s + (i0 + i) * kAttnBlock + t), v, a[i]);
+      }
+      for (int i = 0; i < Heads; ++i) _mm256_storeu_ps(acc + (i0 + i) * D + c, a[i]);
+    }
+    return true;
+  }
+};
+
 struct Avx2 {
   static bool rows(const KvStream& s, const AttnProblem& p, int64_t bh, int64_t t0, int64_t n, float* out) {
     const int64_t D = p.dim;
     for (int64_t t = t0; t < t0 + n; ++t, out += D) {
+      if (t + kAttnBlock < p.packed + p.tail) prefetch_token(s, bh, t + kAttnBlock, p.packed, D);
       if (t >= p.packed) {
         if (const float* f32 = f32_row(s, bh, t - p.packed, D)) {
           std::memcpy(out, f32, D * 4);
@@ -83,19 +116,8 @@ struct Avx2 {
     return true;
   }
 
-  static void scores(const float* q, int64_t G, const float* rows, int64_t n, int64_t D, float* s) {
-    for (int64_t i0 = 0; i0 < G; i0 += kMaxHeads) {
-      const int64_t heads = std::min<int64_t>(kMaxHeads, G - i0);
-      for (int64_t t = 0; t < n; ++t) {
-        __m256 acc[kMaxHeads];
-        for (int i = 0; i < kMaxHeads; ++i) acc[i] = _mm256_setzero_ps();
-        for (int64_t c = 0; c < D; c += 8) {
-          const __m256 k = _mm256_loadu_ps(rows + t * D + c);
-          for (int i = 0; i < heads; ++i) acc[i] = _mm256_fmadd_ps(_mm256_loadu_ps(q + (i0 + i) * D + c), k, acc[i]);
-        }
-        for (int i = 0; i < heads; ++i) s[(i0 + i) * kAttnBlock + t] = hsum(acc[i]);
-      }
-    }
+  static void row_scores(const float* q, int64_t G, const float* rows, int64_t n, int64_t D, float* s) {
+    for_head_groups<HeadScores>(G, q, rows, n, D, s);
   }
 
   static void exp_shifted(float* s, int64_t n, float shift) {
@@ -107,21 +129,8 @@ struct Avx2 {
     std::memcpy(s, tmp, n * 4);
   }
 
-  static void accumulate(const float* s, int64_t G, const float* rows, int64_t n, int64_t D, float* acc) {
-    for (int64_t i0 = 0; i0 < G; i0 += kMaxHeads) {
-      const int64_t heads = std::min<int64_t>(kMaxHeads, G - i0);
-      for (int64_t c = 0; c < D; c += 8) {
-        __m256 a[kMaxHeads];
-        for (int i = 0; i < heads; ++i) a[i] = _mm256_loadu_ps(acc + (i0 + i) * D + c);
-        for (int64_t t = 0; t < n; ++t) {
-          const __m256 v = _mm256_loadu_ps(rows + t * D + c);
-          for (int i = 0; i < heads; ++i) {
-            a[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(s + (i0 + i) * kAttnBlock + t), v, a[i]);
-          }
-        }
-        for (int i = 0; i < heads; ++i) _mm256_storeu_ps(acc + (i0 + i) * D + c, a[i]);
-      }
-    }
+  static void row_accumulate(const float* s, int64_t G, const float* rows, int64_t n, int64_t D, float* acc) {
+    for_head_groups<HeadAccumulate>(G, s, rows, n, D, acc);
   }
 };
 
@@ -130,7 +139,7 @@ struct Avx2 {
 }  // namespace
 
 bool avx2_attend(const AttnProblem& p, int64_t bh, int64_t t0, int64_t t1, const AttnPartial& out) {
-  return attend_range<Avx2>(p, bh, t0, t1, out);
+  return attend_range<RowsFirst<Avx2>>(p, bh, t0, t1, out);
 }
 
 }  // namespace sparamx

@@ -34,6 +34,9 @@ struct AttnPartial {
   float* acc;  // [G][dim]
 };
 
+// The AVX-512 path takes head vectors of 32-element chunks, up to this many elements.
+constexpr int64_t kAvx512MaxDim = 256;
+
 // Tokens per step of the walk (attention_walk.h): its K rows, then its V rows, expanded to fp32 stay in L1.
 constexpr int64_t kAttnBlock = 32;
 
@@ -45,6 +48,24 @@ inline const float* f32_row(const KvStream& s, int64_t bh, int64_t t, int64_t di
 // A dense bf16 token's row.
 inline const uint16_t* bf16_row(const KvStream& s, int64_t bh, int64_t t, int64_t dim) {
   return static_cast<const uint16_t*>(s.tail) + (bh * s.cap_tail + t) * dim;
+}
+
+// Ask for token t's bytes of stream s (its values and mask, or its dense row) ahead of use: the walk reads a block of
+// K rows, then of V rows, so the hardware prefetchers see two interleaved streams per thread and fall short of the
+// read bandwidth without this. Each path's rows() asks for the token one block ahead of the one it expands.
+inline void prefetch_token(const KvStream& s, int64_t bh, int64_t t, int64_t packed, int64_t dim) {
+  const char* at;
+  int64_t bytes;
+  if (t < packed) {
+    __builtin_prefetch(s.masks + (bh * s.cap_packed + t) * (dim / 8));
+    at = reinterpret_cast<const char*>(s.values + (bh * s.cap_packed + t) * s.keep);
+    bytes = s.keep * 2;
+  } else {
+    const int64_t size = s.tail_f32 ? 4 : 2;
+    at = static_cast<const char*>(s.tail) + (bh * s.cap_tail + t - packed) * dim * size;
+    bytes = dim * size;
+  }
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(at + off);
 }
 
 // False when a packed token's mask does not hold exactly `keep` set bits.

@@ -1,11 +1,12 @@
 #pragma once
-// The walk every decode-attention path shares: a bh's tokens kAttnBlock at a time -- K rows expanded to fp32, the
-// scores of all G query heads of the group (so each K byte is read once), online softmax, then the V rows and the
-// weighted sum -- into an AttnPartial (attention_kernels.h). A path provides, for its instruction set:
-//   Isa::rows(stream, p, bh, t0, n, out)   n tokens from t0 as fp32 rows [n][dim]; false on a bad mask
-//   Isa::scores(q, G, rows, n, dim, s)     s[i][t] = q_i . row_t (s has kAttnBlock columns)
-//   Isa::exp_shifted(s, n, shift)          s[t] = exp(s[t] - shift); exp(-inf) = 0
-//   Isa::accumulate(s, G, rows, n, dim, acc)  acc_i += sum_t s[i][t] * row_t
+// The walk every decode-attention path shares: a bh's tokens kAttnBlock at a time -- the scores of all G query heads
+// of the group against the block's K (so each K byte is read once), online softmax, then the weighted sum of the
+// block's V -- into an AttnPartial (attention_kernels.h). A path provides, for its instruction set:
+//   Isa::scores(p, bh, t0, n, q, s, scratch)      s[i][t] = q_i . K_t for tokens [t0, t0 + n) (s: kAttnBlock columns)
+//   Isa::accumulate(p, bh, t0, n, s, acc, scratch)  acc_i += sum_t s[i][t] * V_t
+//   Isa::exp_shifted(s, n, shift)                   s[t] = exp(s[t] - shift); exp(-inf) = 0
+// the first two false on a packed token whose mask does not hold `keep` bits; scratch: kAttnBlock x dim floats.
+// A path that expands rows to fp32 first gets the first two from RowsFirst below.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -15,11 +16,55 @@
 
 namespace sparamx {
 
+// Query heads per register pass of a path's scores / accumulate; larger groups take several passes.
+constexpr int kMaxHeads = 8;
+
+// Kernel<Heads>::run(i0, args...) for the query heads [i0, i0 + Heads) of a group of G, up to kMaxHeads at a time:
+// with the head count a constant, a path's per-head accumulator arrays are registers, not memory. False when a run
+// is (a bad mask).
+template <template <int> class Kernel, typename... Args>
+bool for_head_groups(int64_t G, Args... args) {
+  bool ok = true;
+  for (int64_t i0 = 0; i0 < G && ok; i0 += kMaxHeads) {
+    switch (std::min<int64_t>(kMaxHeads, G - i0)) {
+      case 1: ok = Kernel<1>::run(i0, args...); break;
+      case 2: ok = Kernel<2>::run(i0, args...); break;
+      case 3: ok = Kernel<3>::run(i0, args...); break;
+      case 4: ok = Kernel<4>::run(i0, args...); break;
+      case 5: ok = Kernel<5>::run(i0, args...); break;
+      case 6: ok = Kernel<6>::run(i0, args...); break;
+      case 7: ok = Kernel<7>::run(i0, args...); break;
+      default: ok = Kernel<kMaxHeads>::run(i0, args...); break;
+    }
+  }
+  return ok;
+}
+
+// scores and accumulate for a path that expands a block's K or V rows to fp32 first (reference, AVX2) and then
+// computes on them: Rows::rows(stream, p, bh, t0, n, out), Rows::row_scores(q, G, rows, n, dim, s),
+// Rows::row_accumulate(s, G, rows, n, dim, acc), Rows::exp_shifted.
+template <typename Rows>
+struct RowsFirst {
+  static bool scores(const AttnProblem& p, int64_t bh, int64_t t0, int64_t n, const float* q, float* s,
+                     float* scratch) {
+    if (!Rows::rows(p.k, p, bh, t0, n, scratch)) return false;
+    Rows::row_scores(q, p.G, scratch, n, p.dim, s);
+    return true;
+  }
+  static bool accumulate(const AttnProblem& p, int64_t bh, int64_t t0, int64_t n, const float* s, float* acc,
+                         float* scratch) {
+    if (!Rows::rows(p.v, p, bh, t0, n, scratch)) return false;
+    Rows::row_accumulate(s, p.G, scratch, n, p.dim, acc);
+    return true;
+  }
+  static void exp_shifted(float* s, int64_t n, float shift) { Rows::exp_shifted(s, n, shift); }
+};
+
 template <typename Isa>
 bool attend_range(const AttnProblem& p, int64_t bh, int64_t t0, int64_t t1, const AttnPartial& out) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   const int64_t G = p.G, D = p.dim;
-  std::vector<float> rows(kAttnBlock * D), s(G * kAttnBlock);
+  std::vector<float> scratch(kAttnBlock * D), s(G * kAttnBlock);
   std::fill(out.m, out.m + G, kNegInf);
   std::fill(out.l, out.l + G, 0.0f);
   std::fill(out.acc, out.acc + G * D, 0.0f);
@@ -27,8 +72,7 @@ bool attend_range(const AttnProblem& p, int64_t bh, int64_t t0, int64_t t1, cons
   const bool* valid = p.valid ? p.valid + (bh / p.H) * (p.packed + p.tail) : nullptr;
   for (int64_t tb = t0; tb < t1; tb += kAttnBlock) {
     const int64_t n = std::min(kAttnBlock, t1 - tb);
-    if (!Isa::rows(p.k, p, bh, tb, n, rows.data())) return false;
-    Isa::scores(q, G, rows.data(), n, D, s.data());
+    if (!Isa::scores(p, bh, tb, n, q, s.data(), scratch.data())) return false;
     for (int64_t i = 0; i < G; ++i) {
       float* si = s.data() + i * kAttnBlock;
       if (valid) {
@@ -50,8 +94,7 @@ bool attend_range(const AttnProblem& p, int64_t bh, int64_t t0, int64_t t1, cons
       }
       out.m[i] = m;
     }
-    if (!Isa::rows(p.v, p, bh, tb, n, rows.data())) return false;
-    Isa::accumulate(s.data(), G, rows.data(), n, D, out.acc);
+    if (!Isa::accumulate(p, bh, tb, n, s.data(), out.acc, scratch.data())) return false;
   }
   return true;
 }

@@ -1,6 +1,6 @@
 """decode_attention against an fp64 Python reference, on every path: those this CPU has, natively, and the AVX-512
-one also in the emulated build (emulated.py) on any CPU. Caches with packed and dense tokens, GQA groups of 1, 3
-and 4, one token, contexts not a multiple of any block, padding masks, splits over threads, fp32 dense tokens."""
+one also in the emulated build (emulated.py) on any CPU. Caches with packed and dense tokens, GQA groups of 1 to 9,
+one token, contexts not a multiple of any block, padding masks, splits over threads, fp32 dense tokens."""
 
 import math
 
@@ -21,6 +21,8 @@ CASES = [
     (3, 2, 1, 32, 33, 1, 0.9, 0.0),
     (1, 1, 2, 64, 1, 0, 0.5, 0.5),  # packed only, one token
     (2, 1, 3, 64, 600, 0, 0.3, 0.9),
+    (1, 1, 9, 64, 70, 10, 0.5, 0.5),  # a group wider than one register pass of heads
+    (1, 1, 1, 256, 40, 3, 0.5, 0.5),  # the widest head the AVX-512 path takes
 ]
 
 

@@ -66,6 +66,8 @@ inline float reduce_add_ps(simde__m512 a) {  // halves added pairwise, as GCC's 
 #undef _mm512_roundscale_ps
 #undef _mm512_cvttps_epi32
 #undef _mm512_add_epi32
+#undef _mm512_shuffle_f32x4
+#undef _mm512_shuffle_ps
 #undef _mm_prefetch
 
 #define __m512i simde__m512i
@@ -94,6 +96,8 @@ inline float reduce_add_ps(simde__m512 a) {  // halves added pairwise, as GCC's 
 #define _mm512_roundscale_ps simde_mm512_roundscale_ps
 #define _mm512_cvttps_epi32 simde_mm512_cvttps_epi32
 #define _mm512_add_epi32 simde_mm512_add_epi32
+#define _mm512_shuffle_f32x4 simde_mm512_shuffle_f32x4
+#define _mm512_shuffle_ps simde_mm512_shuffle_ps
 #define _mm512_maskz_expand_epi8(k, a) sparamx::emulation::maskz_expand<int8_t, 64>(static_cast<uint64_t>(k), (a))
 #define _mm512_maskz_expand_epi16(k, a) sparamx::emulation::maskz_expand<int16_t, 32>(static_cast<uint32_t>(k), (a))
 #define _mm512_reduce_add_epi32 sparamx::emulation::reduce_add_epi32
