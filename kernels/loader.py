@@ -18,7 +18,7 @@ from ..pipeline.artifact_reader import (
     read_manifest,
     read_skeleton,
 )
-from ..pipeline.errors import ArtifactError, ModelError, RecipeError
+from ..pipeline.errors import ArtifactError, RecipeError
 from ..pipeline.kv_sparsity import KVConfig
 from ..pipeline.models import decoder_layers, linear_modules
 from . import cpu_paths, ops
@@ -44,15 +44,16 @@ def load(
     False with a warning (`cpu_paths.kernels_preferred`). `model.sparamx_runtime` says which.
     `verify` checks each file's sha256 first.
     kv_cache=True: generate() decodes through our KV cache and decode-attention op (kernels/kv_cache.py), with the
-    artifact's recorded kv settings, (k, v) sparsity overridden by `kv_sparsity`; default: where kernels run and the
-    model family is supported. kv_cache=False: transformers' own cache and attention.
+    artifact's recorded kv settings, (k, v) sparsity overridden by `kv_sparsity`. Default: so when `kv_sparsity` is
+    given (0, 0 included: our dense cache) or the artifact's recipe asks for a sparse cache; else transformers' own
+    cache and attention, as with kv_cache=False.
     """
     from transformers import AutoTokenizer
 
     path = Path(path)
     manifest = read_manifest(path)
     kernels = _use_kernels(path) if kernels is None else kernels
-    kv = _kv_settings(path, manifest, kv_sparsity, kv_cache, kernels)
+    kv = _kv_settings(path, manifest, kv_sparsity, kv_cache)
     if kernels:
         model = _kernel_model(path, manifest, dtype, verify)
     else:
@@ -65,7 +66,7 @@ def load(
     return model, AutoTokenizer.from_pretrained(path)
 
 
-def _kv_settings(path: Path, manifest: dict, sparsity, wanted: bool | None, kernels: bool) -> KVConfig | None:
+def _kv_settings(path: Path, manifest: dict, sparsity, wanted: bool | None) -> KVConfig | None:
     """The KV cache to install (None: transformers' own), checked against the model family before any weight is
     read."""
     recorded = manifest.get("kv_sparsity") or {}
@@ -80,13 +81,10 @@ def _kv_settings(path: Path, manifest: dict, sparsity, wanted: bool | None, kern
         if sparsity is not None and kv.sparse:
             raise RecipeError("kv_sparsity needs the sparamx KV cache: it cannot be used with kv_cache=False")
         return None
-    try:
-        kv_cache_module.check_supported(read_config(path))
-    except ModelError:
-        if wanted or sparsity is not None or kv.sparse:
-            raise
-        return None  # a family our cache does not serve runs transformers' cache, as asked by nobody otherwise
-    return kv if (wanted or kernels or kv.sparse) else None
+    if not (wanted or sparsity is not None or kv.sparse):
+        return None
+    kv_cache_module.check_supported(read_config(path))
+    return kv
 
 
 def _use_kernels(path: Path) -> bool:

@@ -10,8 +10,8 @@ __version__ = "0.1.0"
 def load(path, dtype=None, verify: bool = True, kernels: bool | None = None, kv_sparsity=None, kv_cache=None):
     """Load an artifact directory -> (transformers model, tokenizer); packed linears run on our kernels where the CPU
     has AVX2 or better (or kernels=True), else they are unpacked to dense torch weights (or kernels=False).
-    generate() decodes through our KV cache and attention op with the artifact's kv settings; kv_sparsity=(k, v)
-    overrides its sparsities, kv_cache=False keeps transformers' cache (sparamx.kernels.loader.load has the rules)."""
+    kv_sparsity=(k, v) (or an artifact whose recipe asks for it) makes generate() decode through our sparse KV cache
+    and attention op; kv_cache=True / False chooses explicitly (sparamx.kernels.loader.load has the rules)."""
     import torch
 
     from .kernels.loader import load as _load

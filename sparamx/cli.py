@@ -216,8 +216,8 @@ def add_kv_options(parser) -> None:
         "--kv-sparsity",
         type=kv_sparsity_arg,
         metavar="K,V",
-        help="fraction of each cached K and V vector dropped in generation, e.g. 0.5,0.5 (default: the artifact's "
-        "recipe, else 0,0: our dense cache)",
+        help="fraction of each cached K and V vector dropped in generation, e.g. 0.5,0.5; 0,0 is our dense cache "
+        "(default: the artifact's recipe, else transformers' cache)",
     )
     parser.add_argument(
         "--no-kv-cache", action="store_true", help="decode with transformers' own KV cache and attention instead"

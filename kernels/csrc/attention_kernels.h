@@ -37,6 +37,13 @@ struct AttnPartial {
 // The AVX-512 path takes head vectors of 32-element chunks, up to this many elements.
 constexpr int64_t kAvx512MaxDim = 256;
 
+// Cephes' expf, the paths' vector exp for x <= 0: x = n ln2 + r (ln2 in two parts, for precision), exp(r) as
+// 1 + r + r^2 (p0 r^5 + p1 r^4 + ... + p5), times 2^n; from x < kExpMin the 2^n is 0, so exp(-inf) = 0.
+constexpr float kExpMin = -88.3762626647949f, kLog2e = 1.44269504088896341f;
+constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+constexpr float kExpPoly[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                               4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+
 // Tokens per step of the walk (attention_walk.h): its K rows, then its V rows, expanded to fp32 stay in L1.
 constexpr int64_t kAttnBlock = 32;
 
