@@ -70,8 +70,8 @@ class SparseKVLayer(CacheLayerMixin):
         if d % 8:
             raise ModelError(f"the sparamx KV cache needs head_dim % 8 == 0, got {d}")
         self.device, self.head_dim = key_states.device, d
-        self.k = _Stream(key_states, kept_elements(d, self.kv.k_sparsity) if self.kv.sparse else d)
-        self.v = _Stream(value_states, kept_elements(d, self.kv.v_sparsity) if self.kv.sparse else d)
+        self.k = _Stream(key_states, kept_elements(d, self.kv.k_sparsity))
+        self.v = _Stream(value_states, kept_elements(d, self.kv.v_sparsity))
         self.is_initialized = True
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:

@@ -93,10 +93,7 @@ AttendFn choose_attend(c10::string_view isa, int64_t dim) {
     if (avx512_fits && has_path(KernelPath::kAvx512)) return &avx512_attend;
     return has_path(KernelPath::kAvx2) ? &avx2_attend : &reference_attend;
   }
-  KernelPath path;
-  TORCH_CHECK(parse_path(name, path), "decode_attention: isa must be auto, reference, avx2, avx512 or amx, got ", name);
-  TORCH_CHECK(has_path(path), "decode_attention: isa=", name, " forced but this CPU (or the OS) lacks what it needs (",
-              c10::Join(", ", kernel_path_needs(name)), ")");
+  const KernelPath path = forced_path("decode_attention", name);
   if (path == KernelPath::kReference) return &reference_attend;
   if (path == KernelPath::kAvx2) return &avx2_attend;
   TORCH_CHECK(avx512_fits, "decode_attention: the avx512 path needs head_dim % 32 == 0 and <= ", kAvx512MaxDim,

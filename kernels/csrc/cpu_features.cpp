@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <c10/util/Exception.h>
+#include <c10/util/StringUtil.h>
 
 #include "cpu_features.h"
 
@@ -108,6 +109,14 @@ bool parse_path(const std::string& name, KernelPath& path) {
 }
 
 const char* path_name(KernelPath path) { return kPaths[static_cast<int>(path)].name; }
+
+KernelPath forced_path(const char* op, const std::string& name) {
+  KernelPath path;
+  TORCH_CHECK(parse_path(name, path), op, ": isa must be auto, reference, avx2, avx512 or amx, got ", name);
+  TORCH_CHECK(has_path(path), op, ": isa=", name, " forced but this CPU (or the OS) lacks what it needs (",
+              c10::Join(", ", kernel_path_needs(name)), ")");
+  return path;
+}
 
 std::vector<std::string> cpu_feature_names() {
   std::vector<std::string> names;

@@ -31,6 +31,9 @@ bool has_path(KernelPath path);
 // "reference" | "avx2" | "avx512" | "amx" -> the path; false when the name is none of them.
 bool parse_path(const std::string& name, KernelPath& path);
 const char* path_name(KernelPath path);
+// The path an op's isa argument forces (anything but "auto"): raises, naming `op`, when the name is unknown or the CPU
+// (or the OS) lacks what the path needs.
+KernelPath forced_path(const char* op, const std::string& name);
 
 // The ops behind kernels/ops.py's capability questions.
 std::vector<std::string> cpu_feature_names();

@@ -181,11 +181,7 @@ KernelPath choose_path(const char* op, c10::string_view isa, int64_t M) {
     }
     return KernelPath::kReference;
   }
-  KernelPath path;
-  TORCH_CHECK(parse_path(name, path), op, ": isa must be auto, reference, avx2, avx512 or amx, got ", name);
-  TORCH_CHECK(has_path(path), op, ": isa=", name, " forced but this CPU (or the OS) lacks what it needs (",
-              c10::Join(", ", kernel_path_needs(name)), ")");
-  return path;
+  return forced_path(op, name);
 }
 
 // Each bitmap block's masks must hold as many set bits as block_offsets gives it values: the reference path reads
