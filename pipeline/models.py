@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from .errors import ModelError
+from .gguf_cache import converted_directory
 
 DEFAULT_MODEL = "smollm2-135m"
 # The default is a real Llama-architecture model shipped as a GGUF inside a PyPI package, so it works offline.
@@ -32,8 +33,14 @@ class ModelSource:
     location: str
     gguf_file: str | None = None
 
-    def hf_kwargs(self) -> dict:
-        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+    def readable(self) -> tuple[str, dict]:
+        """Where transformers reads it from, and how: a small GGUF through its converted copy in the user cache."""
+        if self.kind == "gguf":
+            converted = converted_directory(Path(self.location) / self.gguf_file)
+            if converted is not None:
+                return str(converted), {}
+            return self.location, {"gguf_file": self.gguf_file}
+        return self.location, {}
 
     def to_dict(self) -> dict:
         return {"name": self.name, "kind": self.kind, "location": self.location, "gguf_file": self.gguf_file}
@@ -95,7 +102,8 @@ def load_config(source: ModelSource):
                 f"pass a local model directory or .gguf file instead (or the offline default {DEFAULT_MODEL!r})"
             )
     try:
-        config = AutoConfig.from_pretrained(source.location, **source.hf_kwargs())
+        location, kwargs = source.readable()  # a GGUF's first read converts it (its weights too), once
+        config = AutoConfig.from_pretrained(location, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelError(f"{source.name}: cannot read the model config ({str(exc).splitlines()[0]})") from exc
     if source.kind == "artifact" and hasattr(config, "quantization_config"):
@@ -111,7 +119,8 @@ def load_config(source: ModelSource):
 def load_tokenizer(source: ModelSource):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(source.location, **source.hf_kwargs())
+    location, kwargs = source.readable()
+    return AutoTokenizer.from_pretrained(location, **kwargs)
 
 
 def load_model(source: ModelSource, config=None, dtype: torch.dtype | str = "auto"):
@@ -124,9 +133,8 @@ def load_model(source: ModelSource, config=None, dtype: torch.dtype | str = "aut
 
         return read_dense_model(source.location, torch.float32 if dtype == "auto" else dtype, unpack_reference)
     config = config if config is not None else load_config(source)
-    model = AutoModelForCausalLM.from_pretrained(
-        source.location, config=config, dtype=dtype, low_cpu_mem_usage=True, **source.hf_kwargs()
-    )
+    location, kwargs = source.readable()
+    model = AutoModelForCausalLM.from_pretrained(location, config=config, dtype=dtype, low_cpu_mem_usage=True, **kwargs)
     # A GGUF load marks the model as gguf-quantized; its weights are dequantized dense tensors by now.
     if getattr(model.config, "quantization_config", None) is not None and source.kind == "gguf":
         del model.config.quantization_config

@@ -1,18 +1,11 @@
 """The CLI's state between commands: where the last artifact `sparamx prune` wrote is, and the user cache that holds
 that pointer and the dense models' eval results."""
 
-import os
 from pathlib import Path
 
 from .pipeline.artifact_writer import write_text_atomic
 from .pipeline.errors import ArtifactError
-
-
-def cache_dir() -> Path:
-    """$SPARAMX_CACHE, else $XDG_CACHE_HOME/sparamx (~/.cache/sparamx)."""
-    if os.environ.get("SPARAMX_CACHE"):
-        return Path(os.environ["SPARAMX_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sparamx"
+from .pipeline.gguf_cache import cache_dir
 
 
 def remember_artifact(path: str | Path) -> None:

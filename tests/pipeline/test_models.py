@@ -3,9 +3,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
+from sparamx.pipeline import gguf_cache
 from sparamx.pipeline.errors import ModelError
-from sparamx.pipeline.models import load_config, resolve_model
+from sparamx.pipeline.models import load_config, load_model, load_tokenizer, resolve_model
 
 
 def test_default_alias_is_the_packaged_gguf():
@@ -46,3 +48,28 @@ def test_unreachable_hub_fails_fast_with_a_hint(monkeypatch):
     with pytest.raises(ModelError, match="cannot reach the Hugging Face hub .* pass a local model directory"):
         load_config(resolve_model("llama-3-8b"))
     assert time.perf_counter() - start < 10
+
+
+@pytest.mark.slow
+def test_a_gguf_loads_through_its_converted_copy_unchanged(monkeypatch, data_root):
+    """The cached directory gives the tensors, config and tokenizer of reading the GGUF itself (which is ~40x
+    slower); a GGUF over the size limit is read directly."""
+    source = resolve_model("smollm2-135m")
+    location, kwargs = source.readable()
+    assert kwargs == {} and Path(location).parent == gguf_cache.cache_dir() / "gguf"
+    cached = load_model(source), load_config(source), load_tokenizer(source)
+    monkeypatch.setattr(gguf_cache, "GGUF_CACHE_MAX_BYTES", 0)
+    assert source.readable() == (source.location, {"gguf_file": source.gguf_file})
+    direct = load_model(source), load_config(source), load_tokenizer(source)
+    weights = [model.state_dict() for model, _, _ in (cached, direct)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+    settings = [
+        {k: v for k, v in config.to_diff_dict().items() if k not in ("architectures", "dtype", "_name_or_path")}
+        for _, config, _ in (cached, direct)
+    ]
+    assert settings[0] == settings[1]
+    text = (data_root / "wikitext-2-raw" / "wikitext2_test_joined.txt").read_text(encoding="utf-8")[:50_000]
+    assert cached[2](text).input_ids == direct[2](text).input_ids
+    chat = [{"role": "user", "content": "Name a prime."}]
+    assert cached[2].apply_chat_template(chat, tokenize=False) == direct[2].apply_chat_template(chat, tokenize=False)
