@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstring>
@@ -36,7 +37,7 @@ struct Reference {
   static bool rows(const KvStream& s, const AttnProblem& p, int64_t bh, int64_t t0, int64_t n, float* out) {
     const int64_t D = p.dim;
     for (int64_t t = t0; t < t0 + n; ++t, out += D) {
-      if (t + kAttnBlock < p.packed + p.tail) prefetch_token(s, bh, t + kAttnBlock, p.packed, D);
+      prefetch_ahead(s, p, bh, t);
       if (t >= p.packed) {
         if (const float* f32 = f32_row(s, bh, t - p.packed, D)) {
           std::memcpy(out, f32, D * 4);
@@ -68,8 +69,12 @@ struct Reference {
       }
   }
 
-  static void exp_shifted(float* s, int64_t n, float shift) {
-    for (int64_t t = 0; t < n; ++t) s[t] = std::exp(s[t] - shift);
+  static float block_max(const float* s, int64_t n) { return *std::max_element(s, s + n); }
+
+  static float exp_shifted(float* s, int64_t n, float shift) {
+    float sum = 0.0f;
+    for (int64_t t = 0; t < n; ++t) sum += s[t] = std::exp(s[t] - shift);
+    return sum;
   }
 
   static void row_accumulate(const float* s, int64_t G, const float* rows, int64_t n, int64_t D, float* acc) {
@@ -187,9 +192,13 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_values, con
   }
   const AttendFn attend = choose_attend(isa, D);
   const at::Tensor qs = (q.to(at::kFloat) * scale).contiguous();
+  const bool bf16_model = q.scalar_type() == at::kBFloat16 && !ks.tail_f32;
+  const at::Tensor q16 = bf16_model ? q.contiguous() : at::Tensor();
   const int64_t G = Hq / H, BH = B * H, S = splits_per_head(BH, T);
   const AttnProblem p{qs.const_data_ptr<float>(), ks, vs, H, G, D, packed, tail,
-                      valid_b.defined() ? valid_b.const_data_ptr<bool>() : nullptr};
+                      valid_b.defined() ? valid_b.const_data_ptr<bool>() : nullptr,
+                      bf16_model ? reinterpret_cast<const uint16_t*>(q16.const_data_ptr()) : nullptr,
+                      static_cast<float>(scale)};
   const at::TensorOptions f32 = qs.options();
   const at::Tensor m = at::empty({BH * S, G}, f32), l = at::empty({BH * S, G}, f32);
   const at::Tensor acc = at::empty({BH * S, G, D}, f32);

@@ -4,6 +4,7 @@
 // weighted sum as the AVX-512 path's, 8 elements a step. Needs dim % 8 == 0.
 #include <algorithm>
 #include <cstring>
+#include <limits>
 
 #include "attention_kernels.h"
 #include "attention_walk.h"
@@ -71,7 +72,7 @@ struct Avx2 {
   static bool rows(const KvStream& s, const AttnProblem& p, int64_t bh, int64_t t0, int64_t n, float* out) {
     const int64_t D = p.dim;
     for (int64_t t = t0; t < t0 + n; ++t, out += D) {
-      if (t + kAttnBlock < p.packed + p.tail) prefetch_token(s, bh, t + kAttnBlock, p.packed, D);
+      prefetch_ahead(s, p, bh, t);
       if (t >= p.packed) {
         if (const float* f32 = f32_row(s, bh, t - p.packed, D)) {
           std::memcpy(out, f32, D * 4);
@@ -112,13 +113,29 @@ struct Avx2 {
     for_head_groups<HeadScores>(G, q, rows, n, D, s);
   }
 
-  static void exp_shifted(float* s, int64_t n, float shift) {
-    float tmp[kAttnBlock + 8] = {};
+  static float block_max(const float* s, int64_t n) {
+    __m256 top = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+    int64_t t = 0;
+    for (; t + 8 <= n; t += 8) top = _mm256_max_ps(top, _mm256_loadu_ps(s + t));
+    float lanes[8], out = -std::numeric_limits<float>::infinity();
+    _mm256_storeu_ps(lanes, top);
+    for (float x : lanes) out = std::max(out, x);
+    for (; t < n; ++t) out = std::max(out, s[t]);
+    return out;
+  }
+
+  static float exp_shifted(float* s, int64_t n, float shift) {
+    float tmp[kAttnBlock + 8];
+    std::fill(tmp, tmp + kAttnBlock + 8, -std::numeric_limits<float>::infinity());  // past n: exp gives 0
     std::memcpy(tmp, s, n * 4);
+    __m256 sum = _mm256_setzero_ps();
     for (int64_t t = 0; t < n; t += 8) {
-      _mm256_storeu_ps(tmp + t, exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(tmp + t), _mm256_set1_ps(shift))));
+      const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(tmp + t), _mm256_set1_ps(shift)));
+      _mm256_storeu_ps(tmp + t, e);
+      sum = _mm256_add_ps(sum, e);
     }
     std::memcpy(s, tmp, n * 4);
+    return hsum(sum);
   }
 
   static void row_accumulate(const float* s, int64_t G, const float* rows, int64_t n, int64_t D, float* acc) {

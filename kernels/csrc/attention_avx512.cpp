@@ -1,12 +1,15 @@
 // AVX-512 path of decode attention (attention_walk.h's walk), computing straight from the cache: a token's 32-element
-// chunk is expand-loaded (vpexpandw) from its kept values by 32 bits of its mask, or loaded when dense, and widened
-// bf16 -> fp32 in registers -- never stored as fp32 rows. Scores: per token, one chunk load serves the FMAs of every
-// query head of the group. Weighted sum: chunk by chunk, the group's accumulators stay in registers over the block's
-// tokens, each chunk's value offset taken from a per-token prefix popcount. Needs dim % 32 == 0.
+// chunk is expand-loaded (vpexpandw) from its kept values by 32 bits of its mask, or loaded when dense -- never stored
+// as fp32 rows. A bf16 model (bf16 query and dense tokens) runs on vdpbf16ps: scores from the bf16 query four tokens
+// at a time, the weighted sum on pairs of tokens with the softmax weights rounded to bf16 (Avx512Bf16); an fp32 query
+// or fp32 dense tokens run in fp32, chunks widened in registers (Avx512). Per token, one chunk load serves every
+// query head of the group. Needs dim % 32 == 0.
 #include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
+#include <vector>
 
 #include "attention_kernels.h"
 #include "attention_walk.h"
@@ -44,13 +47,19 @@ inline Chunk widen(__m512i w) {
           _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(w, 1)), 16))};
 }
 
-// The chunk of a packed token whose 32 mask bits are `bits` and whose values for it start at v.
-inline Chunk packed_chunk(const KvStream& s, const uint16_t* v, uint32_t bits) {
-  if (v + 32 <= s.values_end) return widen(_mm512_maskz_expand_epi16(bits, _mm512_loadu_si512(v)));
-  uint16_t tmp[32] = {};  // the buffer's last values: copy, never load past its end
-  std::memcpy(tmp, v, __builtin_popcount(bits) * 2);
-  return widen(_mm512_maskz_expand_epi16(bits, _mm512_loadu_si512(tmp)));
+// The 32 bf16 elements of a packed token's chunk whose mask bits are `bits` and whose values for it start at v.
+inline __m512i packed_bf16(const KvStream& s, const uint16_t* v, uint32_t bits) {
+  // Near the buffer's end, a masked load of the values it holds: never a read past the end, and no call (a memcpy
+  // would make the compiler keep the callers' accumulators in memory).
+  const int count = __builtin_popcount(bits);
+  __m512i kept = v + 32 <= s.values_end
+                     ? _mm512_loadu_si512(v)
+                     : _mm512_maskz_loadu_epi16(static_cast<__mmask32>(count == 32 ? ~0u : (1u << count) - 1), v);
+  SPARAMX_IN_REGISTER(kept);
+  return _mm512_maskz_expand_epi16(bits, kept);
 }
+
+inline Chunk packed_chunk(const KvStream& s, const uint16_t* v, uint32_t bits) { return widen(packed_bf16(s, v, bits)); }
 
 // A packed token's mask words and where each chunk's values start; false unless it holds exactly `keep` bits.
 inline bool chunk_offsets(const KvStream& s, int64_t bh, int64_t t, int64_t chunks, uint32_t* bits, int64_t* off) {
@@ -74,6 +83,18 @@ inline __m512 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
   return _mm512_add_ps(x, _mm512_shuffle_ps(x, x, 0xB1));
 }
 
+// s[i * kAttnBlock] = scale * (the sum of acc[i]'s lanes) for i < Heads.
+template <int Heads>
+inline void store_scores(const __m512* acc, float scale, float* s) {
+  int i = 0;
+  for (; i + 4 <= Heads; i += 4) {
+    float sums[16];
+    _mm512_storeu_ps(sums, sum4(acc[i], acc[i + 1], acc[i + 2], acc[i + 3]));
+    for (int j = 0; j < 4; ++j) s[(i + j) * kAttnBlock] = scale * sums[4 * j];
+  }
+  for (; i < Heads; ++i) s[i * kAttnBlock] = scale * _mm512_reduce_add_ps(acc[i]);
+}
+
 // q_i . x for query heads i < Heads (q_i at q + i * D) and the token whose chunks chunk_of(c) gives; sum i goes to
 // s[i * kAttnBlock].
 template <int Heads, typename ChunkOf>
@@ -87,25 +108,26 @@ inline void score_token(const float* q, int64_t D, ChunkOf chunk_of, float* s) {
       acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(q + i * D + 32 * c + 16), x.hi, acc[i]);
     }
   }
-  int i = 0;
-  for (; i + 4 <= Heads; i += 4) {
-    float sums[16];
-    _mm512_storeu_ps(sums, sum4(acc[i], acc[i + 1], acc[i + 2], acc[i + 3]));
-    for (int j = 0; j < 4; ++j) s[(i + j) * kAttnBlock] = sums[4 * j];
-  }
-  for (; i < Heads; ++i) s[i * kAttnBlock] = _mm512_reduce_add_ps(acc[i]);
+  store_scores<Heads>(acc, 1.0f, s);
+}
+
+// Same bits, other type: vdpbf16ps takes its bf16 pairs as __m512bh.
+inline __m512bh as_bf16(__m512i x) {
+  __m512bh out;
+  std::memcpy(&out, &x, 64);
+  return out;
 }
 
 // s[i][t - t0] = q_i . K_t for query heads [i0, i0 + Heads) and tokens [t0, t0 + n): packed ones, then dense ones.
 template <int Heads>
 struct HeadScores {
-  static bool run(int64_t i0, const AttnProblem& p, int64_t bh, int64_t t0, int64_t n, const float* q, float* s) {
+  static bool run(int64_t i0, const AttnProblem& p, int64_t bh, int64_t t0, int64_t n, float* s) {
     const KvStream& k = p.k;
     const int64_t D = p.dim, split = std::clamp(p.packed, t0, t0 + n);
-    q += i0 * D;
+    const float* q = p.q + (bh * p.G + i0) * D;
     s += i0 * kAttnBlock - t0;
     for (int64_t t = t0; t < split; ++t) {
-      if (t + kAttnBlock < p.packed + p.tail) prefetch_token(k, bh, t + kAttnBlock, p.packed, D);
+      prefetch_ahead(k, p, bh, t);
       uint32_t bits[kMaxChunks];
       int64_t off[kMaxChunks];
       if (!chunk_offsets(k, bh, t, D / 32, bits, off)) return false;
@@ -113,12 +135,66 @@ struct HeadScores {
       score_token<Heads>(q, D, [&](int64_t c) { return packed_chunk(k, v + off[c], bits[c]); }, s + t);
     }
     for (int64_t t = split; t < t0 + n; ++t) {
-      if (t + kAttnBlock < p.packed + p.tail) prefetch_token(k, bh, t + kAttnBlock, p.packed, D);
+      prefetch_ahead(k, p, bh, t);
       if (const float* row = f32_row(k, bh, t - p.packed, D)) {
         score_token<Heads>(q, D, [&](int64_t c) { return Chunk{_mm512_loadu_ps(row + 32 * c), _mm512_loadu_ps(row + 32 * c + 16)}; }, s + t);
       } else {
         const uint16_t* row16 = bf16_row(k, bh, t - p.packed, D);
         score_token<Heads>(q, D, [&](int64_t c) { return widen(_mm512_loadu_si512(row16 + 32 * c)); }, s + t);
+      }
+    }
+    return true;
+  }
+};
+
+// The same from the bf16 query (AttnProblem::q16) by vdpbf16ps, 32 exact products per instruction on the token's
+// bf16 chunks as loaded or expanded, nothing widened; four tokens at a time, so that one reduction tree (sum4) turns
+// four of a head's 16-lane sums into its four scores.
+template <int Heads>
+struct HeadScoresBf16 {
+  static bool run(int64_t i0, const AttnProblem& p, int64_t bh, int64_t t0, int64_t n, float* s) {
+    const KvStream& k = p.k;
+    const int64_t D = p.dim, chunks = D / 32;
+    const uint16_t* q = p.q16 + (bh * p.G + i0) * D;
+    const __m512i lanes_0_4_8_12 = _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+    s += i0 * kAttnBlock - t0;
+    for (int64_t t4 = t0; t4 < t0 + n; t4 += 4) {
+      const int64_t m = std::min<int64_t>(4, t0 + n - t4);
+      const uint16_t* row[4];  // a packed token's kept values, or a dense token's row
+      uint32_t bits[4][kMaxChunks];
+      int64_t off[4][kMaxChunks];
+      for (int64_t j = 0; j < m; ++j) {
+        const int64_t t = t4 + j;
+        prefetch_ahead(k, p, bh, t);
+        if (t < p.packed) {
+          if (!chunk_offsets(k, bh, t, chunks, bits[j], off[j])) return false;
+          row[j] = k.values + (bh * k.cap_packed + t) * k.keep;
+        } else {
+          row[j] = bf16_row(k, bh, t - p.packed, D);
+        }
+      }
+      __m512 acc[4][Heads];
+      for (int j = 0; j < 4; ++j)
+        for (int i = 0; i < Heads; ++i) acc[j][i] = _mm512_setzero_ps();
+      for (int64_t c = 0; c < chunks; ++c) {  // each query chunk loaded once for the four tokens
+        __m512bh qc[Heads];
+        for (int i = 0; i < Heads; ++i) qc[i] = as_bf16(_mm512_loadu_si512(q + i * D + 32 * c));
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) {
+          if (j >= m) break;
+          const __m512bh x = as_bf16(t4 + j < p.packed ? packed_bf16(k, row[j] + off[j][c], bits[j][c])
+                                                       : _mm512_loadu_si512(row[j] + 32 * c));
+          for (int i = 0; i < Heads; ++i) acc[j][i] = _mm512_dpbf16_ps(acc[j][i], qc[i], x);
+        }
+      }
+      for (int i = 0; i < Heads; ++i) {
+        const __m512 sums = sum4(acc[0][i], acc[1][i], acc[2][i], acc[3][i]);
+        const __m512 scores = _mm512_mul_ps(_mm512_permutexvar_ps(lanes_0_4_8_12, sums), _mm512_set1_ps(p.scale));
+        if (m == 4) {
+          _mm_storeu_ps(s + i * kAttnBlock + t4, _mm512_castps512_ps128(scores));
+        } else {
+          _mm512_mask_storeu_ps(s + i * kAttnBlock + t4, static_cast<__mmask16>((1u << m) - 1), scores);
+        }
       }
     }
     return true;
@@ -171,32 +247,153 @@ struct HeadAccumulate {
   }
 };
 
+// The weighted sum by vdpbf16ps, two tokens per instruction: the chunks of tokens t and t + 1 interleaved element by
+// element (vpunpck{l,h}wd, within 128-bit lanes), times the pair (p_t, p_t+1) of bf16 weights. The interleave leaves
+// lane j of `lo` holding element 8 (j / 4) + j % 4 of the chunk and lane j of `hi` element 8 (j / 4) + 4 + j % 4;
+// the accumulators are permuted into that order when loaded and back when stored. pairs: [G][kAttnBlock / 2].
+template <int Heads>
+struct HeadAccumulateBf16 {
+  static bool run(int64_t i0, const AttnProblem& p, int64_t bh, int64_t t0, int64_t n, const uint32_t* pairs,
+                  float* acc, const uint32_t* bits, const int64_t* off) {
+    const KvStream& v = p.v;
+    const int64_t D = p.dim, chunks = D / 32;
+    const __m512i to_lo = _mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27);
+    const __m512i to_hi = _mm512_setr_epi32(4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    const __m512i from_lo = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    const __m512i from_hi = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+    const int64_t end = t0 + n, split = std::clamp(p.packed, t0, end);
+    pairs += i0 * (kAttnBlock / 2) - t0 / 2;  // t0 is even: ranges start on block boundaries
+    acc += i0 * D;
+    const uint16_t* values = v.values + (bh * v.cap_packed + t0) * v.keep;
+    for (int64_t c = 0; c < chunks; ++c) {
+      __m512 lo[Heads], hi[Heads];
+      for (int i = 0; i < Heads; ++i) {
+        const __m512 a = _mm512_loadu_ps(acc + i * D + 32 * c), b = _mm512_loadu_ps(acc + i * D + 32 * c + 16);
+        lo[i] = _mm512_permutex2var_ps(a, to_lo, b);
+        hi[i] = _mm512_permutex2var_ps(a, to_hi, b);
+      }
+      const auto add_pair = [&](int64_t t, __m512i x, __m512i y) {
+        const __m512bh xy_lo = as_bf16(_mm512_unpacklo_epi16(x, y)), xy_hi = as_bf16(_mm512_unpackhi_epi16(x, y));
+        for (int i = 0; i < Heads; ++i) {
+          const __m512bh w = as_bf16(_mm512_set1_epi32(static_cast<int>(pairs[i * (kAttnBlock / 2) + t / 2])));
+          lo[i] = _mm512_dpbf16_ps(lo[i], w, xy_lo);
+          hi[i] = _mm512_dpbf16_ps(hi[i], w, xy_hi);
+        }
+      };
+      const auto packed = [&](int64_t t) {
+        const int64_t j = (t - t0) * chunks + c;
+        return packed_bf16(v, values + (t - t0) * v.keep + off[j], bits[j]);
+      };
+      const auto dense = [&](int64_t t) {
+        return t < end ? _mm512_loadu_si512(bf16_row(v, bh, t - p.packed, D) + 32 * c) : _mm512_setzero_si512();
+      };
+      int64_t t = t0;
+      for (; t + 1 < split; t += 2) add_pair(t, packed(t), packed(t + 1));
+      if (t < split) {  // the pair across the packed / dense boundary
+        add_pair(t, packed(t), dense(t + 1));
+        t += 2;
+      }
+      for (; t < end; t += 2) add_pair(t, dense(t), dense(t + 1));
+      for (int i = 0; i < Heads; ++i) {
+        _mm512_storeu_ps(acc + i * D + 32 * c, _mm512_permutex2var_ps(lo[i], from_lo, hi[i]));
+        _mm512_storeu_ps(acc + i * D + 32 * c + 16, _mm512_permutex2var_ps(lo[i], from_hi, hi[i]));
+      }
+    }
+    return true;
+  }
+};
+
+// The packed V tokens' mask words and value offsets of a block (chunk_offsets per token), their rows prefetched a
+// block ahead; false on a bad mask.
+inline bool block_value_offsets(const AttnProblem& p, int64_t bh, int64_t t0, int64_t n, uint32_t* bits, int64_t* off) {
+  const int64_t chunks = p.dim / 32;
+  for (int64_t t = t0; t < t0 + n; ++t) {
+    prefetch_ahead(p.v, p, bh, t);
+    const int64_t j = (t - t0) * chunks;
+    if (t < p.packed && !chunk_offsets(p.v, bh, t, chunks, bits + j, off + j)) return false;
+  }
+  return true;
+}
+
+inline float block_max_f32(const float* s, int64_t n) {
+  const __m512 none = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 top = none;
+  for (int64_t t = 0; t < n; t += 16) {
+    top = _mm512_max_ps(top, _mm512_mask_loadu_ps(none, static_cast<__mmask16>((1u << std::min<int64_t>(16, n - t)) - 1), s + t));
+  }
+  return _mm512_reduce_max_ps(top);
+}
+
+// s[t] = exp(s[t] - shift) for t < n, rounded to bf16 with Bf16; returns their sum.
+template <bool Bf16>
+inline float exp_shifted_sum(float* s, int64_t n, float shift) {
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t t = 0; t < n; t += 16) {
+    const __mmask16 lanes = static_cast<__mmask16>((1u << std::min<int64_t>(16, n - t)) - 1);
+    __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, s + t), _mm512_set1_ps(shift)));
+    if constexpr (Bf16) {  // to nearest even; e is in [0, 1], so no inf or NaN to care for
+      const __m512i bits = _mm512_castps_si512(e);
+      const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+      const __m512i up = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+      e = _mm512_castsi512_ps(_mm512_and_si512(up, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+    }
+    e = _mm512_maskz_mov_ps(lanes, e);
+    _mm512_mask_storeu_ps(s + t, lanes, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  return _mm512_reduce_add_ps(sum);
+}
+
+// For an fp32 query or fp32 dense tokens: everything in fp32.
 struct Avx512 {
-  static bool scores(const AttnProblem& p, int64_t bh, int64_t t0, int64_t n, const float* q, float* s, float*) {
-    return for_head_groups<HeadScores>(p.G, p, bh, t0, n, q, s);
+  static bool scores(const AttnProblem& p, int64_t bh, int64_t t0, int64_t n, const float*, float* s, float*) {
+    return for_head_groups<HeadScores>(p.G, p, bh, t0, n, s);
   }
 
   static bool accumulate(const AttnProblem& p, int64_t bh, int64_t t0, int64_t n, const float* s, float* acc,
                          float*) {
-    const int64_t chunks = p.dim / 32;
     uint32_t bits[kAttnBlock * kMaxChunks];
     int64_t off[kAttnBlock * kMaxChunks];
-    for (int64_t t = t0; t < t0 + n; ++t) {
-      if (t + kAttnBlock < p.packed + p.tail) prefetch_token(p.v, bh, t + kAttnBlock, p.packed, p.dim);
-      const int64_t j = (t - t0) * chunks;
-      if (t < p.packed && !chunk_offsets(p.v, bh, t, chunks, bits + j, off + j)) return false;
-    }
+    if (!block_value_offsets(p, bh, t0, n, bits, off)) return false;
     return for_head_groups<HeadAccumulate>(p.G, p, bh, t0, n, s, acc, +bits, +off);
   }
 
-  static void exp_shifted(float* s, int64_t n, float shift) {
-    float tmp[kAttnBlock + 16] = {};
-    std::memcpy(tmp, s, n * 4);
-    for (int64_t t = 0; t < n; t += 16) {
-      _mm512_storeu_ps(tmp + t, exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(tmp + t), _mm512_set1_ps(shift))));
-    }
-    std::memcpy(s, tmp, n * 4);
+  static float block_max(const float* s, int64_t n) { return block_max_f32(s, n); }
+  static float exp_shifted(float* s, int64_t n, float shift) { return exp_shifted_sum<false>(s, n, shift); }
+};
+
+// For a bf16 model: bf16 dot products. The softmax weights are rounded to bf16 (as torch's bf16 attention rounds
+// them) when they are made, so the normaliser sums the very weights the weighted sum uses.
+struct Avx512Bf16 {
+  static bool scores(const AttnProblem& p, int64_t bh, int64_t t0, int64_t n, const float*, float* s, float*) {
+    return for_head_groups<HeadScoresBf16, 4>(p.G, p, bh, t0, n, s);
   }
+
+  static bool accumulate(const AttnProblem& p, int64_t bh, int64_t t0, int64_t n, const float* s, float* acc,
+                         float*) {
+    uint32_t bits[kAttnBlock * kMaxChunks];
+    int64_t off[kAttnBlock * kMaxChunks];
+    if (!block_value_offsets(p, bh, t0, n, bits, off)) return false;
+    static_assert(kAttnBlock == 32, "a block's weights are two 16-lane vectors");
+    // (p_t, p_t+1) as a bf16 pair (the high halves of the rounded fp32 weights), 0 past the block's end.
+    thread_local std::vector<uint32_t> pairs;
+    pairs.resize(p.G * (kAttnBlock / 2));
+    const __m512i high_halves = _mm512_setr_epi32(0x30001, 0x70005, 0xB0009, 0xF000D, 0x130011, 0x170015, 0x1B0019,
+                                                  0x1F001D, 0x230021, 0x270025, 0x2B0029, 0x2F002D, 0x330031,
+                                                  0x370035, 0x3B0039, 0x3F003D);
+    const __mmask16 first = static_cast<__mmask16>((1u << std::min<int64_t>(16, n)) - 1);
+    const __mmask16 second = static_cast<__mmask16>((1u << std::max<int64_t>(0, n - 16)) - 1);
+    for (int64_t i = 0; i < p.G; ++i) {
+      const __m512 a = _mm512_maskz_loadu_ps(first, s + i * kAttnBlock);
+      const __m512 b = _mm512_maskz_loadu_ps(second, s + i * kAttnBlock + 16);
+      _mm512_storeu_si512(pairs.data() + i * (kAttnBlock / 2),
+                          _mm512_permutex2var_epi16(_mm512_castps_si512(a), high_halves, _mm512_castps_si512(b)));
+    }
+    return for_head_groups<HeadAccumulateBf16>(p.G, p, bh, t0, n, pairs.data(), acc, +bits, +off);
+  }
+
+  static float block_max(const float* s, int64_t n) { return block_max_f32(s, n); }
+  static float exp_shifted(float* s, int64_t n, float shift) { return exp_shifted_sum<true>(s, n, shift); }
 };
 
 SPARAMX_ISA_END
@@ -205,7 +402,7 @@ SPARAMX_ISA_END
 
 bool avx512_attend(const AttnProblem& p, int64_t bh, int64_t t0, int64_t t1, const AttnPartial& out) {
   TORCH_INTERNAL_ASSERT(p.dim % 32 == 0 && p.dim / 32 <= kMaxChunks);
-  return attend_range<Avx512>(p, bh, t0, t1, out);
+  return p.q16 ? attend_range<Avx512Bf16>(p, bh, t0, t1, out) : attend_range<Avx512>(p, bh, t0, t1, out);
 }
 
 }  // namespace sparamx

@@ -24,6 +24,10 @@ struct AttnProblem {
   KvStream k, v;
   int64_t H, G, dim, packed, tail;
   const bool* valid;   // [B][packed + tail], false: the token is not attended (padding); null: all are
+  // A bf16 model's query as it came, not scaled (bf16 [B][H][G][dim]), and the scale; null for an fp32 query or fp32
+  // dense tokens. A path with bf16 dot products takes it: q . K exactly as bf16 products summed in fp32, then scaled.
+  const uint16_t* q16;
+  float scale;
 };
 
 // One work item's share: tokens [t0, t1) of one bh, as flash-decoding's partial softmax -- per query head the
@@ -57,22 +61,30 @@ inline const uint16_t* bf16_row(const KvStream& s, int64_t bh, int64_t t, int64_
   return static_cast<const uint16_t*>(s.tail) + (bh * s.cap_tail + t) * dim;
 }
 
-// Ask for token t's bytes of stream s (its values and mask, or its dense row) ahead of use: the walk reads a block of
-// K rows, then of V rows, so the hardware prefetchers see two interleaved streams per thread and fall short of the
-// read bandwidth without this. Each path's rows() asks for the token one block ahead of the one it expands.
-inline void prefetch_token(const KvStream& s, int64_t bh, int64_t t, int64_t packed, int64_t dim) {
+// Ask for the bytes of token t + kAttnBlock of stream s (its values and mask, or its dense row) ahead of use: the walk
+// reads a block of K rows, then of V rows, so the hardware prefetchers see two interleaved streams per thread and
+// fall short of the read bandwidth without this. Into L2 (prefetcht1), not L1: a block ahead in L1 overflows the
+// core's outstanding-miss slots, and on the AVX-512 EPYC measured prefetcht0 read ~14 GB/s where prefetcht1 reads
+// ~22 (two threads, 8K-token cache); nearer distances or further ones did no better.
+// asm, not __builtin_prefetch: GCC 12 deletes loops of builtin prefetches, and whole functions of them, as code
+// without effect.
+inline void prefetch_l2(const void* at) { asm volatile("prefetcht1 %0" : : "m"(*static_cast<const char*>(at))); }
+
+inline void prefetch_ahead(const KvStream& s, const AttnProblem& p, int64_t bh, int64_t t) {
+  t += kAttnBlock;
+  if (t >= p.packed + p.tail) return;
   const char* at;
   int64_t bytes;
-  if (t < packed) {
-    __builtin_prefetch(s.masks + (bh * s.cap_packed + t) * (dim / 8));
+  if (t < p.packed) {
+    prefetch_l2(s.masks + (bh * s.cap_packed + t) * (p.dim / 8));
     at = reinterpret_cast<const char*>(s.values + (bh * s.cap_packed + t) * s.keep);
     bytes = s.keep * 2;
   } else {
     const int64_t size = s.tail_f32 ? 4 : 2;
-    at = static_cast<const char*>(s.tail) + (bh * s.cap_tail + t - packed) * dim * size;
-    bytes = dim * size;
+    at = static_cast<const char*>(s.tail) + (bh * s.cap_tail + t - p.packed) * p.dim * size;
+    bytes = p.dim * size;
   }
-  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(at + off);
+  for (int64_t off = 0; off < bytes; off += 64) prefetch_l2(at + off);
 }
 
 // False when a packed token's mask does not hold exactly `keep` set bits.

@@ -4,7 +4,8 @@
 // block's V -- into an AttnPartial (attention_kernels.h). A path provides, for its instruction set:
 //   Isa::scores(p, bh, t0, n, q, s, scratch)      s[i][t] = q_i . K_t for tokens [t0, t0 + n) (s: kAttnBlock columns)
 //   Isa::accumulate(p, bh, t0, n, s, acc, scratch)  acc_i += sum_t s[i][t] * V_t
-//   Isa::exp_shifted(s, n, shift)                   s[t] = exp(s[t] - shift); exp(-inf) = 0
+//   Isa::block_max(s, n)                            the largest of s[0, n)
+//   Isa::exp_shifted(s, n, shift)                   s[t] = exp(s[t] - shift), exp(-inf) = 0; returns the sum
 // the first two false on a packed token whose mask does not hold `keep` bits; scratch: kAttnBlock x dim floats.
 // A path that expands rows to fp32 first gets the first two from RowsFirst below.
 #include <algorithm>
@@ -19,30 +20,27 @@ namespace sparamx {
 // Query heads per register pass of a path's scores / accumulate; larger groups take several passes.
 constexpr int kMaxHeads = 8;
 
-// Kernel<Heads>::run(i0, args...) for the query heads [i0, i0 + Heads) of a group of G, up to kMaxHeads at a time:
-// with the head count a constant, a path's per-head accumulator arrays are registers, not memory. False when a run
-// is (a bad mask).
-template <template <int> class Kernel, typename... Args>
+// Kernel<Heads>::run(i0, args...) for the query heads [i0, i0 + Heads) of a group, with Heads = count <= Most.
+template <template <int> class Kernel, int Most, typename... Args>
+bool run_heads(int64_t count, int64_t i0, Args... args) {
+  if constexpr (Most > 1) {
+    if (count < Most) return run_heads<Kernel, Most - 1>(count, i0, args...);
+  }
+  return Kernel<Most>::run(i0, args...);
+}
+
+// Kernel<Heads>::run(i0, args...) over a group of G query heads, up to Most (kMaxHeads) at a time: with the head
+// count a constant, a path's per-head accumulator arrays are registers, not memory. False when a run is (a bad mask).
+template <template <int> class Kernel, int Most = kMaxHeads, typename... Args>
 bool for_head_groups(int64_t G, Args... args) {
   bool ok = true;
-  for (int64_t i0 = 0; i0 < G && ok; i0 += kMaxHeads) {
-    switch (std::min<int64_t>(kMaxHeads, G - i0)) {
-      case 1: ok = Kernel<1>::run(i0, args...); break;
-      case 2: ok = Kernel<2>::run(i0, args...); break;
-      case 3: ok = Kernel<3>::run(i0, args...); break;
-      case 4: ok = Kernel<4>::run(i0, args...); break;
-      case 5: ok = Kernel<5>::run(i0, args...); break;
-      case 6: ok = Kernel<6>::run(i0, args...); break;
-      case 7: ok = Kernel<7>::run(i0, args...); break;
-      default: ok = Kernel<kMaxHeads>::run(i0, args...); break;
-    }
-  }
+  for (int64_t i0 = 0; i0 < G && ok; i0 += Most) ok = run_heads<Kernel, Most>(std::min<int64_t>(Most, G - i0), i0, args...);
   return ok;
 }
 
 // scores and accumulate for a path that expands a block's K or V rows to fp32 first (reference, AVX2) and then
 // computes on them: Rows::rows(stream, p, bh, t0, n, out), Rows::row_scores(q, G, rows, n, dim, s),
-// Rows::row_accumulate(s, G, rows, n, dim, acc), Rows::exp_shifted.
+// Rows::row_accumulate(s, G, rows, n, dim, acc), Rows::block_max, Rows::exp_shifted.
 template <typename Rows>
 struct RowsFirst {
   static bool scores(const AttnProblem& p, int64_t bh, int64_t t0, int64_t n, const float* q, float* s,
@@ -57,7 +55,8 @@ struct RowsFirst {
     Rows::row_accumulate(s, p.G, scratch, n, p.dim, acc);
     return true;
   }
-  static void exp_shifted(float* s, int64_t n, float shift) { Rows::exp_shifted(s, n, shift); }
+  static float block_max(const float* s, int64_t n) { return Rows::block_max(s, n); }
+  static float exp_shifted(float* s, int64_t n, float shift) { return Rows::exp_shifted(s, n, shift); }
 };
 
 template <typename Isa>
@@ -78,17 +77,14 @@ bool attend_range(const AttnProblem& p, int64_t bh, int64_t t0, int64_t t1, cons
       if (valid) {
         for (int64_t t = 0; t < n; ++t) si[t] = valid[tb + t] ? si[t] : kNegInf;
       }
-      const float top = *std::max_element(si, si + n);
+      const float top = Isa::block_max(si, n);
       if (top == kNegInf) {  // every token of the block masked for this head: it adds nothing
         std::fill(si, si + n, 0.0f);
         continue;
       }
       const float m = std::max(out.m[i], top);
       const float rescale = std::exp(out.m[i] - m);  // 0 while nothing was attended yet
-      Isa::exp_shifted(si, n, m);
-      float sum = 0.0f;
-      for (int64_t t = 0; t < n; ++t) sum += si[t];
-      out.l[i] = out.l[i] * rescale + sum;
+      out.l[i] = out.l[i] * rescale + Isa::exp_shifted(si, n, m);
       if (rescale != 1.0f) {
         for (int64_t d = 0; d < D; ++d) out.acc[i * D + d] *= rescale;
       }

@@ -1,7 +1,7 @@
 #pragma once
 // Software AVX-512 for the test-only emulated build (SPARAMX_EMULATED; tests/kernels/emulated.py): SIMDe (PyPI
 // simde-py) where it has the intrinsic, a few lines here where it does not (vpexpandb / vpexpandw of VBMI2, the
-// reduce-adds). Only what linear_avx512.cpp, linear_amx.cpp and attention_avx512.cpp use is mapped, so a new
+// reduce-adds) or where its version touches other memory (masked loads and stores). Only what linear_avx512.cpp, linear_amx.cpp and attention_avx512.cpp use is mapped, so a new
 // intrinsic in the kernels fails to compile here until it is added -- never silently runs something else.
 #include <cstdint>
 #include <cstring>
@@ -19,6 +19,34 @@ inline simde__m512i maskz_expand(Mask k, simde__m512i a) {
   simde__m512i out;
   std::memcpy(&out, dst, 64);
   return out;
+}
+
+// Masked loads and stores touch only the selected lanes' memory, as the instructions do (SIMDe's read and write all
+// 64 bytes, and its store writes zeros to the others).
+inline simde__m512 mask_loadu_ps(simde__m512 src, uint16_t k, const void* at) {
+  float lanes[16];
+  std::memcpy(lanes, &src, 64);
+  for (int i = 0; i < 16; ++i)
+    if ((k >> i) & 1) std::memcpy(&lanes[i], static_cast<const float*>(at) + i, 4);
+  simde__m512 out;
+  std::memcpy(&out, lanes, 64);
+  return out;
+}
+
+inline simde__m512i maskz_loadu_epi16(uint32_t k, const void* at) {
+  uint16_t lanes[32] = {};
+  for (int i = 0; i < 32; ++i)
+    if ((k >> i) & 1) std::memcpy(&lanes[i], static_cast<const uint16_t*>(at) + i, 2);
+  simde__m512i out;
+  std::memcpy(&out, lanes, 64);
+  return out;
+}
+
+inline void mask_storeu_ps(void* at, uint16_t k, simde__m512 a) {
+  float lanes[16];
+  std::memcpy(lanes, &a, 64);
+  for (int i = 0; i < 16; ++i)
+    if ((k >> i) & 1) std::memcpy(static_cast<float*>(at) + i, &lanes[i], 4);
 }
 
 inline int32_t reduce_add_epi32(simde__m512i a) {
@@ -68,6 +96,25 @@ inline float reduce_add_ps(simde__m512 a) {  // halves added pairwise, as GCC's 
 #undef _mm512_add_epi32
 #undef _mm512_shuffle_f32x4
 #undef _mm512_shuffle_ps
+#undef __m512bh
+#undef _mm512_dpbf16_ps
+#undef _mm512_setr_epi32
+#undef _mm512_permutex2var_ps
+#undef _mm512_unpacklo_epi16
+#undef _mm512_unpackhi_epi16
+#undef __mmask16
+#undef _mm512_castps_si512
+#undef _mm512_mask_loadu_ps
+#undef _mm512_mask_storeu_ps
+#undef _mm512_maskz_loadu_epi16
+#undef _mm512_maskz_loadu_ps
+#undef _mm512_maskz_mov_ps
+#undef _mm512_permutex2var_epi16
+#undef _mm512_reduce_max_ps
+#undef _mm512_srli_epi32
+#undef _mm512_permutexvar_ps
+#undef _mm_storeu_ps
+#undef _mm512_castps512_ps128
 #undef _mm_prefetch
 
 #define __m512i simde__m512i
@@ -102,4 +149,23 @@ inline float reduce_add_ps(simde__m512 a) {  // halves added pairwise, as GCC's 
 #define _mm512_maskz_expand_epi16(k, a) sparamx::emulation::maskz_expand<int16_t, 32>(static_cast<uint32_t>(k), (a))
 #define _mm512_reduce_add_epi32 sparamx::emulation::reduce_add_epi32
 #define _mm512_reduce_add_ps sparamx::emulation::reduce_add_ps
+#define __m512bh simde__m512bh
+#define _mm512_dpbf16_ps simde_mm512_dpbf16_ps
+#define _mm512_setr_epi32 simde_mm512_setr_epi32
+#define _mm512_permutex2var_ps simde_mm512_permutex2var_ps
+#define _mm512_unpacklo_epi16 simde_mm512_unpacklo_epi16
+#define _mm512_unpackhi_epi16 simde_mm512_unpackhi_epi16
+#define __mmask16 simde__mmask16
+#define _mm512_castps_si512 simde_mm512_castps_si512
+#define _mm512_mask_loadu_ps(src, k, at) sparamx::emulation::mask_loadu_ps((src), (k), (at))
+#define _mm512_maskz_loadu_epi16(k, at) sparamx::emulation::maskz_loadu_epi16((k), (at))
+#define _mm512_mask_storeu_ps(at, k, a) sparamx::emulation::mask_storeu_ps((at), (k), (a))
+#define _mm512_maskz_loadu_ps(k, at) sparamx::emulation::mask_loadu_ps(simde_mm512_setzero_ps(), (k), (at))
+#define _mm512_maskz_mov_ps simde_mm512_maskz_mov_ps
+#define _mm512_permutex2var_epi16 simde_mm512_permutex2var_epi16
+#define _mm512_reduce_max_ps simde_mm512_reduce_max_ps
+#define _mm512_srli_epi32 simde_mm512_srli_epi32
+#define _mm512_permutexvar_ps simde_mm512_permutexvar_ps
+#define _mm_storeu_ps simde_mm_storeu_ps
+#define _mm512_castps512_ps128 simde_mm512_castps512_ps128
 #define _mm_prefetch(address, hint) ((void)(address))
