@@ -59,7 +59,9 @@ inline __m512i packed_bf16(const KvStream& s, const uint16_t* v, uint32_t bits) 
   return _mm512_maskz_expand_epi16(bits, kept);
 }
 
-inline Chunk packed_chunk(const KvStream& s, const uint16_t* v, uint32_t bits) { return widen(packed_bf16(s, v, bits)); }
+inline Chunk packed_chunk(const KvStream& s, const uint16_t* v, uint32_t bits) {
+  return widen(packed_bf16(s, v, bits));
+}
 
 // A packed token's mask words and where each chunk's values start; false unless it holds exactly `keep` bits.
 inline bool chunk_offsets(const KvStream& s, int64_t bh, int64_t t, int64_t chunks, uint32_t* bits, int64_t* off) {
@@ -137,7 +139,10 @@ struct HeadScores {
     for (int64_t t = split; t < t0 + n; ++t) {
       prefetch_ahead(k, p, bh, t);
       if (const float* row = f32_row(k, bh, t - p.packed, D)) {
-        score_token<Heads>(q, D, [&](int64_t c) { return Chunk{_mm512_loadu_ps(row + 32 * c), _mm512_loadu_ps(row + 32 * c + 16)}; }, s + t);
+        const auto chunk_of = [&](int64_t c) {
+          return Chunk{_mm512_loadu_ps(row + 32 * c), _mm512_loadu_ps(row + 32 * c + 16)};
+        };
+        score_token<Heads>(q, D, chunk_of, s + t);
       } else {
         const uint16_t* row16 = bf16_row(k, bh, t - p.packed, D);
         score_token<Heads>(q, D, [&](int64_t c) { return widen(_mm512_loadu_si512(row16 + 32 * c)); }, s + t);
@@ -319,7 +324,8 @@ inline float block_max_f32(const float* s, int64_t n) {
   const __m512 none = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   __m512 top = none;
   for (int64_t t = 0; t < n; t += 16) {
-    top = _mm512_max_ps(top, _mm512_mask_loadu_ps(none, static_cast<__mmask16>((1u << std::min<int64_t>(16, n - t)) - 1), s + t));
+    const __mmask16 lanes = static_cast<__mmask16>((1u << std::min<int64_t>(16, n - t)) - 1);
+    top = _mm512_max_ps(top, _mm512_mask_loadu_ps(none, lanes, s + t));
   }
   return _mm512_reduce_max_ps(top);
 }

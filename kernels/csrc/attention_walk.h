@@ -34,7 +34,9 @@ bool run_heads(int64_t count, int64_t i0, Args... args) {
 template <template <int> class Kernel, int Most = kMaxHeads, typename... Args>
 bool for_head_groups(int64_t G, Args... args) {
   bool ok = true;
-  for (int64_t i0 = 0; i0 < G && ok; i0 += Most) ok = run_heads<Kernel, Most>(std::min<int64_t>(Most, G - i0), i0, args...);
+  for (int64_t i0 = 0; i0 < G && ok; i0 += Most) {
+    ok = run_heads<Kernel, Most>(std::min<int64_t>(Most, G - i0), i0, args...);
+  }
   return ok;
 }
 

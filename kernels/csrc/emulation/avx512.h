@@ -1,8 +1,9 @@
 #pragma once
 // Software AVX-512 for the test-only emulated build (SPARAMX_EMULATED; tests/kernels/emulated.py): SIMDe (PyPI
 // simde-py) where it has the intrinsic, a few lines here where it does not (vpexpandb / vpexpandw of VBMI2, the
-// reduce-adds) or where its version touches other memory (masked loads and stores). Only what linear_avx512.cpp, linear_amx.cpp and attention_avx512.cpp use is mapped, so a new
-// intrinsic in the kernels fails to compile here until it is added -- never silently runs something else.
+// reduce-adds) or where its version touches other memory (masked loads and stores). Only what linear_avx512.cpp,
+// linear_amx.cpp and attention_avx512.cpp use is mapped, so a new intrinsic in the kernels fails to compile here
+// until it is added -- never silently runs something else.
 #include <cstdint>
 #include <cstring>
 
