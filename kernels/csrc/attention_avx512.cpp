@@ -85,18 +85,6 @@ inline __m512 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
   return _mm512_add_ps(x, _mm512_shuffle_ps(x, x, 0xB1));
 }
 
-// s[i * kAttnBlock] = scale * (the sum of acc[i]'s lanes) for i < Heads.
-template <int Heads>
-inline void store_scores(const __m512* acc, float scale, float* s) {
-  int i = 0;
-  for (; i + 4 <= Heads; i += 4) {
-    float sums[16];
-    _mm512_storeu_ps(sums, sum4(acc[i], acc[i + 1], acc[i + 2], acc[i + 3]));
-    for (int j = 0; j < 4; ++j) s[(i + j) * kAttnBlock] = scale * sums[4 * j];
-  }
-  for (; i < Heads; ++i) s[i * kAttnBlock] = scale * _mm512_reduce_add_ps(acc[i]);
-}
-
 // q_i . x for query heads i < Heads (q_i at q + i * D) and the token whose chunks chunk_of(c) gives; sum i goes to
 // s[i * kAttnBlock].
 template <int Heads, typename ChunkOf>
@@ -110,7 +98,13 @@ inline void score_token(const float* q, int64_t D, ChunkOf chunk_of, float* s) {
       acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(q + i * D + 32 * c + 16), x.hi, acc[i]);
     }
   }
-  store_scores<Heads>(acc, 1.0f, s);
+  int i = 0;
+  for (; i + 4 <= Heads; i += 4) {
+    float sums[16];
+    _mm512_storeu_ps(sums, sum4(acc[i], acc[i + 1], acc[i + 2], acc[i + 3]));
+    for (int j = 0; j < 4; ++j) s[(i + j) * kAttnBlock] = sums[4 * j];
+  }
+  for (; i < Heads; ++i) s[i * kAttnBlock] = _mm512_reduce_add_ps(acc[i]);
 }
 
 // Same bits, other type: vdpbf16ps takes its bf16 pairs as __m512bh.
