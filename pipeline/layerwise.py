@@ -4,7 +4,8 @@ collect input statistics; and the pruning stage itself.
 
 The calibration activations entering block i are the outputs of block i-1 *after* the stage changed it (as in the
 Wanda and GPTQ papers' code), so errors are measured where they land. Peak memory is the model plus the activations
-of one block for the calibration windows, llm-compressor's sequential pipeline.
+of one block for the calibration windows, llm-compressor's sequential pipeline, plus what the replays keep (replay.py:
+the results a block's later passes would compute again, within a budget).
 """
 
 import time
@@ -17,6 +18,7 @@ from .artifact_format import LayerRecord
 from .models import decoder_layers, linear_modules
 from .pruning import PRUNING_METHODS, apply_mask_, prune_mask, refit_kept_weights, wanda_sweep
 from .recipe import PruneConfig
+from .replay import AttentionReplay, LinearReplay
 
 
 class _StopForward(Exception):
@@ -84,43 +86,10 @@ class BlockStep:
     outputs: list[torch.Tensor] | None = None
 
 
-class AttentionReplay:
-    """The attention function a BlockWalk installs: it runs the model's own implementation, keeps each result while a
-    memory budget allows, and hands it back when a later pass of the same block calls it with equal query, key and
-    value (a stage's statistics passes recompute the attention of an unchanged q/k/v several times). Equality is
-    checked element by element, so the block's outputs are bit for bit what they would be without it."""
-
-    NAME = "sparamx_calibration_replay"
-
-    def __init__(self, inner: str, budget_bytes: int = 512 << 20):
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-        self._inner = ALL_ATTENTION_FUNCTIONS[inner]
-        self._budget = budget_bytes
-        self.reset()
-
-    def reset(self) -> None:
-        self._records: dict[tuple, list] = {}
-        self._bytes = 0
-        self.hits = 0
-
-    def __call__(self, module, query, key, value, attention_mask, **kwargs):
-        fingerprint = (module, query.shape, float(query.sum()), float(key.sum()), float(value.sum()))
-        for q, k, v, mask, out in self._records.get(fingerprint, []):
-            if mask is attention_mask and torch.equal(q, query) and torch.equal(k, key) and torch.equal(v, value):
-                self.hits += 1
-                return out
-        out = self._inner(module, query, key, value, attention_mask, **kwargs)
-        size = sum(t.nbytes for t in (query, key, value, out[0]))
-        if self._bytes + size <= self._budget:
-            self._records.setdefault(fingerprint, []).append((query, key, value, attention_mask, out))
-            self._bytes += size
-        return out
-
-
 class BlockWalk:
     """`for step in BlockWalk(model, windows, "wanda"): <change step.block>`: each block once, in order, fed the
     previous block's outputs as changed; `hidden()` afterwards gives the last block's outputs (the final norm's input).
+    While a block is stepped, its attention and its linears run through the replays.
     """
 
     def __init__(self, model, windows: list[torch.Tensor], desc: str, progress: bool = True):
@@ -146,17 +115,18 @@ class BlockWalk:
             for i in bar:
                 start = time.perf_counter()
                 step = BlockStep(i, self.layers[i], self.hidden(), self.kwargs)
-                yield step
-                self._pending = step
-                if i + 1 < len(self.layers):
-                    self.hidden()  # the outputs, while this block's attention results are still kept
+                with LinearReplay(linear_modules(step.block, "").values()):
+                    yield step
+                    self._pending = step
+                    if i + 1 < len(self.layers):
+                        self.hidden()  # the outputs, while this block's results are still kept
                 if replay is not None:
-                    replay.reset()
+                    replay.store.reset()
                 bar.set_postfix(seconds=f"{time.perf_counter() - start:.1f}")
         finally:
             config._attn_implementation = inner
             if replay is not None:
-                replay.reset()  # no tensors stay referenced from the global registry
+                replay.store.reset()  # no tensors stay referenced from the global registry
 
     def hidden(self) -> list[torch.Tensor]:
         """The activations after the last block stepped (its outputs are computed on first need: the last block's
