@@ -29,19 +29,34 @@ class InputStats:
     """Forward hook state over all calibration tokens of one linear's input: the sum of x_j^2 per column, or with
     gram=True the whole X^T X (its diagonal is those sums), which the least-squares refit needs."""
 
+    TILE = 128  # X^T X is symmetric: only tiles on and above the diagonal are computed, then mirrored (~40% less)
+
     def __init__(self, in_features: int, gram: bool = False):
         # fp32 as SparseGPT keeps it: a Llama-3-8B down_proj's is already 0.8 GB
-        self.gram = torch.zeros((in_features, in_features), dtype=torch.float32) if gram else None
+        self._gram = torch.zeros((in_features, in_features), dtype=torch.float32) if gram else None
+        self._mirrored = True
         self._sums = None if gram else torch.zeros(in_features, dtype=torch.float64)
 
     @property
+    def gram(self) -> torch.Tensor | None:
+        if self._gram is not None and not self._mirrored:
+            g, t = self._gram, self.TILE
+            for i in range(t, g.shape[0], t):
+                g[i:, i - t : i] = g[i - t : i, i:].T
+            self._mirrored = True
+        return self._gram
+
+    @property
     def sums(self) -> torch.Tensor:
-        return self.gram.diagonal().double() if self.gram is not None else self._sums
+        return self._gram.diagonal().double() if self._gram is not None else self._sums
 
     def __call__(self, module, args, output):
         x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-        if self.gram is not None:
-            self.gram.addmm_(x.T, x)
+        if self._gram is not None:
+            t = self.TILE
+            for i in range(0, x.shape[1], t):
+                self._gram[i : i + t, i:].addmm_(x[:, i : i + t].T, x[:, i:])
+            self._mirrored = False
         else:
             self._sums += x.square().sum(dim=0, dtype=torch.float64)
 

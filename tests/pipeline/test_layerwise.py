@@ -2,7 +2,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from sparamx.pipeline.layerwise import block_output, capture_block_inputs, input_groups, prune_layerwise
+from sparamx.pipeline.layerwise import (
+    InputStats,
+    block_output,
+    capture_block_inputs,
+    input_groups,
+    prune_layerwise,
+)
 from sparamx.pipeline.models import linear_modules
 from sparamx.pipeline.pruning import prune_mask, wanda_scores
 from sparamx.pipeline.quantize import dequantize, quantize_per_channel
@@ -53,6 +59,22 @@ def test_sequential_pruning_feeds_later_groups_pruned_inputs(tiny_model_dir, win
         masks[sequential] = {n: m.weight != 0 for n, m in linear_modules(model.model.layers[0], "l0").items()}
     assert torch.equal(masks[True]["l0.self_attn.q_proj"], masks[False]["l0.self_attn.q_proj"])
     assert not torch.equal(masks[True]["l0.mlp.down_proj"], masks[False]["l0.mlp.down_proj"])
+
+
+@pytest.mark.parametrize("features", [64, 129, 300])
+def test_input_stats_gram_is_x_transpose_x_and_exactly_symmetric(features):
+    """Only the tiles on and above the diagonal are accumulated; the gram read between updates (mirrored) and at the
+    end both equal X^T X of the tokens so far, and the diagonal gives the sums of squares."""
+    gen = torch.Generator().manual_seed(features)
+    stats, seen = InputStats(features, gram=True), []
+    for tokens in (7, 50, 1):
+        seen.append(torch.randn(tokens, features, generator=gen, dtype=torch.float64) * 3)
+        stats(None, (seen[-1].float().reshape(1, tokens, features),), None)
+        x = torch.cat(seen)
+        expected = (x.T @ x).float()
+        assert torch.equal(stats.gram, stats.gram.T)
+        torch.testing.assert_close(stats.gram, expected, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(stats.sums, expected.diagonal().double(), rtol=1e-5, atol=1e-4)
 
 
 def test_per_layer_ratios_and_magnitude(tiny):
