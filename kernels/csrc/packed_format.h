@@ -10,9 +10,13 @@
 //           serves kRows rows. block_offsets[b] is where block b's values start; it equals row_offsets[b*kRows].
 //   dense:  values[b][c][r][0..kChunk) zero-padded past in_features and past the last row.
 // row_sums[n] = sum of row n's int8 values (the zero-point correction of uint8 activations); empty for bf16.
-#include <ATen/ATen.h>
+#include <c10/core/ScalarType.h>  // not ATen.h: the kernel files that read this header build in seconds without it
 
 #include <cstdint>
+
+namespace at {
+class Tensor;
+}
 
 namespace sparamx {
 
