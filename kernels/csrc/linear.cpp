@@ -83,24 +83,18 @@ void run_blocks(const char* op, const Problem& p, int64_t NB, BlocksFn run) {
   TORCH_CHECK(ok.load(), op, kDisagree);
 }
 
-// Per-row asymmetric uint8 quantization of x [M, K] into a zero-padded [M, Kp] buffer; writes scale and zero point.
-// Rounding is to nearest even, as torch.round, so a Python reference reproduces it exactly.
-at::Tensor quantize_rows_u8(const at::Tensor& x32, int64_t Kp, at::Tensor& scale, at::Tensor& zero) {
-  const int64_t M = x32.size(0), K = x32.size(1);
-  at::Tensor q = at::zeros({M, Kp}, x32.options().dtype(at::kByte));
-  scale = at::empty({M}, x32.options());
-  zero = at::empty({M}, x32.options().dtype(at::kInt));
-  const float* xp = x32.const_data_ptr<float>();
-  uint8_t* qp = q.data_ptr<uint8_t>();
-  float* sp = scale.data_ptr<float>();
-  int32_t* zp = zero.data_ptr<int32_t>();
+// Per-row asymmetric uint8 quantization of x [M, K] (fp32 or bf16, read as it is) into a zero-padded [M, Kp] buffer;
+// writes scale and zero point. Rounding is to nearest even, as torch.round, so a Python reference reproduces it.
+template <typename T>
+bool quantize_rows(const T* xp, int64_t M, int64_t K, int64_t Kp, uint8_t* qp, float* sp, int32_t* zp) {
   std::atomic<bool> finite{true};
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    std::vector<float> row(K);
     for (int64_t m = m0; m < m1; ++m) {
-      const float* row = xp + m * K;
       float lo = 0.0f, hi = 0.0f;
       bool ok = true;
       for (int64_t k = 0; k < K; ++k) {
+        row[k] = static_cast<float>(xp[m * K + k]);
         ok &= std::isfinite(row[k]);
         lo = std::min(lo, row[k]);
         hi = std::max(hi, row[k]);
@@ -119,8 +113,53 @@ at::Tensor quantize_rows_u8(const at::Tensor& x32, int64_t Kp, at::Tensor& scale
       zp[m] = static_cast<int32_t>(z);
     }
   });
-  TORCH_CHECK(finite.load(), "int8 linear: x holds inf or nan; it cannot be quantized");
+  return finite.load();
+}
+
+at::Tensor quantize_rows_u8(const at::Tensor& x2d, int64_t Kp, at::Tensor& scale, at::Tensor& zero) {
+  const int64_t M = x2d.size(0), K = x2d.size(1);
+  at::Tensor q = at::zeros({M, Kp}, x2d.options().dtype(at::kByte));
+  scale = at::empty({M}, x2d.options().dtype(at::kFloat));
+  zero = at::empty({M}, x2d.options().dtype(at::kInt));
+  uint8_t* qp = q.data_ptr<uint8_t>();
+  float* sp = scale.data_ptr<float>();
+  int32_t* zp = zero.data_ptr<int32_t>();
+  const bool finite = x2d.scalar_type() == at::kFloat
+                          ? quantize_rows(x2d.const_data_ptr<float>(), M, K, Kp, qp, sp, zp)
+                          : quantize_rows(x2d.const_data_ptr<c10::BFloat16>(), M, K, Kp, qp, sp, zp);
+  TORCH_CHECK(finite, "int8 linear: x holds inf or nan; it cannot be quantized");
   return q;
+}
+
+// x rounded to bf16 (as torch rounds) and widened to fp32, zero-padded to Kp columns, in one pass: [M, Kp] for AVX2;
+// for AVX-512 each chunk of C columns holds its even columns, then its odd ones (the pairs vdpbf16ps multiplies).
+template <typename T>
+at::Tensor widen_rows(const T* xp, int64_t M, int64_t K, int64_t Kp, int64_t C, bool split_pairs,
+                   const at::TensorOptions& options) {
+  at::Tensor out = at::empty({M, Kp}, options.dtype(at::kFloat));
+  float* op = out.data_ptr<float>();
+  const int64_t half = split_pairs ? C / 2 : 0;
+  at::parallel_for(0, M, 64, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const T* row = xp + m * K;
+      float* dst = op + m * Kp;
+      for (int64_t k0 = 0; k0 < Kp; k0 += C) {  // column k0 + 2j + e lands at k0 + j + e * half (else in place)
+        for (int64_t i = 0; i < C; ++i) {
+          const int64_t k = k0 + i;
+          const float v = k < K ? static_cast<float>(c10::BFloat16(static_cast<float>(row[k]))) : 0.0f;
+          dst[split_pairs ? k0 + i / 2 + (i % 2) * half : k] = v;
+        }
+      }
+    }
+  });
+  return out;
+}
+
+at::Tensor widen_x(const at::Tensor& x2d, int64_t Kp, int64_t C, bool split_pairs) {
+  const int64_t M = x2d.size(0), K = x2d.size(1);
+  return x2d.scalar_type() == at::kFloat
+             ? widen_rows(x2d.const_data_ptr<float>(), M, K, Kp, C, split_pairs, x2d.options())
+             : widen_rows(x2d.const_data_ptr<c10::BFloat16>(), M, K, Kp, C, split_pairs, x2d.options());
 }
 
 struct Weights {
@@ -226,9 +265,7 @@ at::Tensor lay_out_x(KernelPath path, const at::Tensor& x2d, const at::Tensor& x
     return xs.view({Mp / kAmxTileRows, kAmxTileRows, Kp / C, 16, E}).permute({0, 2, 3, 1, 4}).contiguous();
   }
   if (xq.defined()) return path == KernelPath::kAvx2 ? xq.to(at::kShort) : xq;
-  const at::Tensor xf = at::constant_pad_nd(x2d.to(at::kBFloat16).to(at::kFloat), {0, Kp - K}, 0);
-  if (path == KernelPath::kAvx2) return xf.contiguous();
-  return xf.view({M, Kp / C, C / 2, 2}).transpose(2, 3).contiguous();  // AVX-512: even columns, then odd, per chunk
+  return widen_x(x2d, Kp, C, path != KernelPath::kAvx2);
 }
 
 at::Tensor run_linear(const at::Tensor& x, const Weights& w, const std::optional<at::Tensor>& weight_scale,
@@ -239,7 +276,7 @@ at::Tensor run_linear(const at::Tensor& x, const Weights& w, const std::optional
               ": x must be float32 or bfloat16, got ", x.scalar_type());
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == w.K, op, ": x must be [..., ", w.K, "], got shape ", x.sizes());
   check_weights(w, weight_scale, bias);
-  const at::Tensor x2d = x.reshape({-1, w.K});
+  const at::Tensor x2d = x.reshape({-1, w.K}).contiguous();
   const int64_t M = x2d.size(0);
   KernelPath path = choose_path(op, isa, M);
   if (M == 0 || w.N == 0) path = KernelPath::kReference;
@@ -251,7 +288,7 @@ at::Tensor run_linear(const at::Tensor& x, const Weights& w, const std::optional
   const at::Tensor scale32 = int8 ? weight_scale->reshape({-1}).to(at::kFloat).contiguous() : at::Tensor();
   const at::Tensor bias32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
   at::Tensor xq, x_scale, x_zero;
-  if (int8) xq = quantize_rows_u8(x2d.to(at::kFloat).contiguous(), KC * C, x_scale, x_zero);
+  if (int8) xq = quantize_rows_u8(x2d, KC * C, x_scale, x_zero);
   Problem p{nullptr, M, KC * C, w.N, KC, static_cast<const uint8_t*>(w.values.const_data_ptr()),
             w.masks.defined() ? w.masks.const_data_ptr<uint8_t>() : nullptr,
             w.masks.defined() ? w.block_offsets.const_data_ptr<int64_t>() : nullptr,
@@ -265,8 +302,7 @@ at::Tensor run_linear(const at::Tensor& x, const Weights& w, const std::optional
     y = reference_linear(x2d, w, p, xq);
     if (bias32.defined()) y.add_(bias32);
   } else if (!int8 && M >= kGemmRows && path != KernelPath::kAmx) {
-    const at::Tensor xf = at::constant_pad_nd(x2d.to(at::kBFloat16).to(at::kFloat), {0, KC * C - w.K}, 0);
-    y = unpack_gemm(op, p, NB, xf.contiguous(),
+    y = unpack_gemm(op, p, NB, widen_x(x2d, KC * C, C, false),
                     path == KernelPath::kAvx512 ? &avx512_unpack_block : &avx2_unpack_block);
   } else {
     const at::Tensor xl = lay_out_x(path, x2d, xq, KC * C, C);
