@@ -89,15 +89,15 @@ template <typename T>
 bool quantize_rows(const T* xp, int64_t M, int64_t K, int64_t Kp, uint8_t* qp, float* sp, int32_t* zp) {
   std::atomic<bool> finite{true};
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
-    std::vector<float> row(K);
     for (int64_t m = m0; m < m1; ++m) {
+      const T* row = xp + m * K;  // read as float element by element: bf16 widens exactly
       float lo = 0.0f, hi = 0.0f;
       bool ok = true;
       for (int64_t k = 0; k < K; ++k) {
-        row[k] = static_cast<float>(xp[m * K + k]);
-        ok &= std::isfinite(row[k]);
-        lo = std::min(lo, row[k]);
-        hi = std::max(hi, row[k]);
+        const float v = static_cast<float>(row[k]);
+        ok &= std::isfinite(v);
+        lo = std::min(lo, v);
+        hi = std::max(hi, v);
       }
       if (!ok) {
         finite = false;
@@ -107,7 +107,8 @@ bool quantize_rows(const T* xp, int64_t M, int64_t K, int64_t Kp, uint8_t* qp, f
       if (s == 0.0f) s = 1.0f;
       const float z = std::min(255.0f, std::max(0.0f, std::nearbyint(-lo / s)));
       for (int64_t k = 0; k < K; ++k) {
-        qp[m * Kp + k] = static_cast<uint8_t>(std::min(255.0f, std::max(0.0f, std::nearbyint(row[k] / s) + z)));
+        const float v = static_cast<float>(row[k]);
+        qp[m * Kp + k] = static_cast<uint8_t>(std::min(255.0f, std::max(0.0f, std::nearbyint(v / s) + z)));
       }
       sp[m] = s;
       zp[m] = static_cast<int32_t>(z);
