@@ -90,6 +90,14 @@ class SparseKVLayer(CacheLayerMixin):
         key_states.sparamx_kv = self
         return key_states, value_states
 
+    def reserve_token(self) -> tuple:
+        """Fold, then make room for one more token in the tails (the fused decode step writes it there): -> the
+        buffers and counts ops.decode_layer takes. The caller counts the token in (self.tail += 1) once written."""
+        self._fold()
+        for stream in (self.k, self.v):
+            stream.tail = _room(stream.tail, self.tail + 1)
+        return (*self.k.buffers, *self.v.buffers, self.packed, self.tail)
+
     def _fold(self) -> None:
         """Prune and pack all but the `recent` newest tokens, once at least `block` of them wait in the tail."""
         n = self.tail - self.kv.recent

@@ -18,10 +18,10 @@ from ..pipeline.artifact_reader import (
     read_manifest,
     read_skeleton,
 )
-from ..pipeline.errors import ArtifactError, RecipeError
+from ..pipeline.errors import ArtifactError, ModelError, RecipeError
 from ..pipeline.kv_sparsity import KVConfig
 from ..pipeline.models import decoder_layers, linear_modules
-from . import cpu_paths, ops
+from . import cpu_paths, decode_step, ops
 from . import kv_cache as kv_cache_module
 from .modules import DenseLinear, SparseLinear
 
@@ -33,6 +33,7 @@ def load(
     kernels: bool | None = None,
     kv_sparsity: tuple[float, float] | None = None,
     kv_cache: bool | None = None,
+    fused_decode: bool | None = None,
 ):
     """Load the artifact at `path` -> (model, tokenizer).
 
@@ -47,13 +48,18 @@ def load(
     artifact's recorded kv settings, (k, v) sparsity overridden by `kv_sparsity`. Default: so when `kv_sparsity` is
     given (0, 0 included: our dense cache) or the artifact's recipe asks for a sparse cache; else transformers' own
     cache and attention, as with kv_cache=False.
+    fused_decode: generate() runs each new token as one decode_layer op per layer (kernels/decode_step.py), on our KV
+    cache, with q/k/v and gate/up fused; the same tokens as the module-by-module path, without its per-token
+    overhead. None (default): so where it can (kernels on, a Llama-family model, kv_cache not False); True: so or an
+    error saying why not; False: off (or, after loading, model.sparamx_decode_step = None).
     """
     from transformers import AutoTokenizer
 
     path = Path(path)
     manifest = read_manifest(path)
     kernels = _use_kernels(path) if kernels is None else kernels
-    kv = _kv_settings(path, manifest, kv_sparsity, kv_cache)
+    fused = _fused_decode(path, fused_decode, kernels, kv_cache)
+    kv = _kv_settings(path, manifest, kv_sparsity, True if fused else kv_cache)
     if kernels:
         model = _kernel_model(path, manifest, dtype, verify)
     else:
@@ -61,8 +67,12 @@ def load(
     model.eval()
     if kv is not None:
         kv_cache_module.install(model, kv)
+    if fused:
+        _install_decode_step(model, fused_decode)
     model.sparamx_manifest = manifest
     model.sparamx_runtime = f"sparamx kernels: {cpu_paths.describe_isa()}" if kernels else "torch (weights unpacked)"
+    if getattr(model, "sparamx_decode_step", None) is not None:
+        model.sparamx_runtime += ", fused decode step"
     return model, AutoTokenizer.from_pretrained(path)
 
 
@@ -85,6 +95,34 @@ def _kv_settings(path: Path, manifest: dict, sparsity, wanted: bool | None) -> K
         return None
     kv_cache_module.check_supported(read_config(path))
     return kv
+
+
+def _fused_decode(path: Path, wanted: bool | None, kernels: bool, kv_cache: bool | None) -> bool:
+    """Whether to install the fused decode step: checked before any weight is read when it is asked for."""
+    if wanted is False:
+        return False
+    reason = None
+    if not kernels:
+        reason = "it runs our kernels, and this model is loaded without them"
+    elif kv_cache is False:
+        reason = "it runs on the sparamx KV cache, and kv_cache=False asks for transformers' cache"
+    else:
+        try:
+            kv_cache_module.check_supported(read_config(path))
+        except ModelError as exc:
+            reason = str(exc)
+    if reason and wanted:
+        raise RecipeError(f"fused_decode=True: {reason}")
+    return reason is None
+
+
+def _install_decode_step(model, wanted: bool | None) -> None:
+    try:
+        decode_step.install(model)
+    except ModelError:
+        if wanted:
+            raise
+        model.sparamx_decode_step = None  # a layout the step does not run (e.g. an unpacked linear): module by module
 
 
 def _use_kernels(path: Path) -> bool:

@@ -43,9 +43,19 @@ class _PackedLinear(torch.nn.Module):
     def _density(self) -> str:
         return ""
 
+    @classmethod
+    def _from_packed(cls, packed, out_features, in_features, bias, weight_scale) -> "_PackedLinear":
+        module = cls.__new__(cls)
+        torch.nn.Module.__init__(module)
+        module.in_features, module.out_features = in_features, out_features
+        module._register(cls._PACKED, packed, bias, weight_scale)
+        return module
+
 
 class SparseLinear(_PackedLinear):
     """y = x @ W^T (+ bias), W in the bitmap format (bf16, or int8 with weight_scale), run by bitmap_linear."""
+
+    _PACKED = ("values", "masks", "block_offsets", "row_sums")
 
     def __init__(
         self,
@@ -61,7 +71,7 @@ class SparseLinear(_PackedLinear):
         self.nnz = compressed.numel()
         scale = _check_scale(compressed.dtype, weight_scale, self.out_features)
         packed = ops.bitmap_prepack(compressed, bitmask, row_offsets, in_features)
-        self._register(("values", "masks", "block_offsets", "row_sums"), packed, bias, scale)
+        self._register(self._PACKED, packed, bias, scale)
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear) -> "SparseLinear":
@@ -83,11 +93,13 @@ class SparseLinear(_PackedLinear):
 class DenseLinear(_PackedLinear):
     """y = x @ W^T (+ bias), W dense (bf16, or int8 with weight_scale), run by dense_linear."""
 
+    _PACKED = ("values", "row_sums")
+
     def __init__(self, weight: Tensor, bias: Tensor | None = None, weight_scale: Tensor | None = None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         scale = _check_scale(weight.dtype, weight_scale, self.out_features)
-        self._register(("values", "row_sums"), ops.dense_prepack(weight.contiguous()), bias, scale)
+        self._register(self._PACKED, ops.dense_prepack(weight.contiguous()), bias, scale)
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear) -> "DenseLinear":
@@ -100,3 +112,49 @@ class DenseLinear(_PackedLinear):
     @property
     def packed(self) -> tuple[Tensor, Tensor]:
         return self.values, self.row_sums
+
+
+def fuse_rows(linears: list[_PackedLinear]) -> _PackedLinear | None:
+    """One linear computing the outputs of `linears` (same input) one after the other, e.g. q/k/v: their prepacked
+    blocks concatenated. Each of `linears` then reads a view of the fused tensors, so no weight is held twice. None
+    when they cannot be fused: different kinds, dtypes or inputs, some with a bias and some without, or an output
+    count short of whole blocks before the last."""
+    first, per_block = linears[0], ops.packed_layout()[0]
+    if (
+        any(type(lin) is not type(first) or lin.in_features != first.in_features for lin in linears)
+        or any(lin.values.dtype != first.values.dtype or (lin.bias is None) != (first.bias is None) for lin in linears)
+        or any(lin.out_features % per_block for lin in linears[:-1])
+    ):
+        return None
+    scale = torch.cat([lin.weight_scale for lin in linears]) if first.int8 else None
+    bias = torch.cat([lin.bias for lin in linears]) if first.bias is not None else None
+    n = sum(lin.out_features for lin in linears)
+    fused = type(first)._from_packed(_cat_packed(linears), n, first.in_features, bias, scale)
+    rows = blocks = values = 0
+    for lin in linears:
+        nb = -(-lin.out_features // per_block)
+        if first.int8:
+            lin.weight_scale = fused.weight_scale[rows : rows + lin.out_features]
+        lin.row_sums = fused.row_sums[blocks * per_block : (blocks + nb) * per_block] if first.int8 else lin.row_sums
+        if isinstance(lin, SparseLinear):  # values keep their trailing register of slack: the next linear's values
+            nnz = int(lin.block_offsets[-1])
+            lin.values = fused.values[values : values + lin.values.numel()]
+            lin.masks = fused.masks[blocks : blocks + nb]
+            values += nnz
+        else:
+            lin.values = fused.values[blocks : blocks + nb]
+        rows, blocks = rows + lin.out_features, blocks + nb
+    return fused
+
+
+def _cat_packed(linears: list[_PackedLinear]) -> tuple[Tensor, ...]:
+    row_sums = torch.cat([lin.row_sums for lin in linears])
+    if not isinstance(linears[0], SparseLinear):
+        return torch.cat([lin.values for lin in linears]), row_sums
+    ends = [int(lin.block_offsets[-1]) for lin in linears]
+    slack = linears[0].values.new_zeros(linears[0].values.numel() - ends[0])  # the register read past the last values
+    values = torch.cat([lin.values[:end] for lin, end in zip(linears, ends, strict=True)] + [slack])
+    starts = torch.tensor([0, *ends]).cumsum(0)
+    offsets = torch.cat([lin.block_offsets[:-1] + start for lin, start in zip(linears, starts, strict=False)])
+    offsets = torch.cat([offsets, starts[-1:]])
+    return values, torch.cat([lin.masks for lin in linears]), offsets, row_sums

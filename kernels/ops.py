@@ -76,6 +76,25 @@ def decode_attention(
     return torch.ops.sparamx.decode_attention.default(q, *k, *v, packed, tail, valid, scale, isa())
 
 
+def decode_layer(
+    hidden: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    weights: list[Tensor | None],
+    shapes: list[int],
+    heads: tuple[int, int, int],
+    eps: float,
+    kv: tuple,
+    valid: Tensor | None,
+    scale: float,
+) -> Tensor:
+    """One Llama decoder layer for one new token per sequence (hidden [B, hidden]); kv is (k_values, k_masks, k_tail,
+    v_values, v_masks, v_tail, packed, tail) as kernels/kv_cache.py keeps a layer, the token written at `tail`."""
+    return torch.ops.sparamx.decode_layer.default(
+        hidden, cos, sin, weights, shapes, list(heads), eps, *kv, valid, scale, isa()
+    )
+
+
 @functools.cache
 def packed_layout() -> tuple[int, int, int]:
     """(output rows per block, bf16 columns per chunk, int8 columns per chunk) of the prepacked layout
@@ -104,6 +123,30 @@ def _(x, values, row_sums, out_features, in_features, weight_scale=None, bias=No
 @torch.library.register_fake("sparamx::decode_attention")
 def _(q, k_values, k_masks, k_tail, v_values, v_masks, v_tail, packed, tail, valid, scale, isa="auto"):
     return q.new_empty(q.shape)
+
+
+@torch.library.register_fake("sparamx::decode_layer")
+def _(
+    hidden,
+    cos,
+    sin,
+    weights,
+    shapes,
+    heads,
+    eps,
+    k_values,
+    k_masks,
+    k_tail,
+    v_values,
+    v_masks,
+    v_tail,
+    packed,
+    tail,
+    valid,
+    scale,
+    isa="auto",
+):
+    return torch.empty_like(hidden)
 
 
 @torch.library.register_fake("sparamx::bitmap_prepack")

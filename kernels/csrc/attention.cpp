@@ -18,6 +18,7 @@
 #include "attention_kernels.h"
 #include "attention_walk.h"
 #include "cpu_features.h"
+#include "op_functions.h"
 
 namespace sparamx {
 namespace {

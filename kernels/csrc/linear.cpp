@@ -20,6 +20,7 @@
 
 #include "cpu_features.h"
 #include "linear_kernels.h"
+#include "op_functions.h"
 #include "packed_format.h"
 
 namespace sparamx {

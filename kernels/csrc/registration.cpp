@@ -38,6 +38,15 @@ TORCH_LIBRARY(sparamx, m) {
   // marks the tokens attended (None: all). Returns [B, Hq, head_dim] in q's dtype. isa: as the linear ops'.
   m.def("decode_attention(Tensor q, Tensor k_values, Tensor k_masks, Tensor k_tail, Tensor v_values, Tensor v_masks, "
         "Tensor v_tail, int packed, int tail, Tensor? valid, float scale, str isa='auto') -> Tensor");
+  // One Llama decoder layer for one new token per sequence (decode_layer.cpp): hidden [B, hidden] in the model's
+  // dtype (float32 or bfloat16), cos / sin [B, head_dim] of the token's position; weights: the two norms, then per
+  // linear (values, masks or None, block_offsets or None, row_sums, weight_scale, bias) for q/k/v (1 or 3 linears),
+  // o, gate/up (1 or 2), down; shapes: [n_qkv, n_gate_up, then (out, in) per linear]; heads: [Hq, Hkv, head_dim].
+  // Writes the token's K (rotated) and V at position `tail` of k_tail / v_tail, attends over packed + tail + 1 tokens
+  // as decode_attention does, and returns the layer's output hidden state.
+  m.def("decode_layer(Tensor hidden, Tensor cos, Tensor sin, Tensor?[] weights, int[] shapes, int[] heads, "
+        "float eps, Tensor k_values, Tensor k_masks, Tensor(a!) k_tail, Tensor v_values, Tensor v_masks, "
+        "Tensor(b!) v_tail, int packed, int tail, Tensor? valid, float scale, str isa='auto') -> Tensor");
   // What the CPU can run, detected once per process, and what each kernel path needs (csrc/cpu_features.h).
   m.def("cpu_features() -> str[]", &sparamx::cpu_feature_names);
   m.def("kernel_paths() -> str[]", &sparamx::kernel_paths);
