@@ -165,6 +165,21 @@ void merge_partials(const at::Tensor& m, const at::Tensor& l, const at::Tensor& 
   });
 }
 
+// q * scale in fp32, as (q.to(float) * scale) computes it, in one loop.
+at::Tensor scaled_query(const at::Tensor& q, float scale) {
+  at::Tensor out = at::empty(q.sizes(), q.options().dtype(at::kFloat));
+  float* dst = out.data_ptr<float>();
+  const int64_t n = q.numel();
+  if (q.scalar_type() == at::kFloat) {
+    const float* src = q.const_data_ptr<float>();
+    for (int64_t i = 0; i < n; ++i) dst[i] = src[i] * scale;
+  } else {
+    const c10::BFloat16* src = q.const_data_ptr<c10::BFloat16>();
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]) * scale;
+  }
+  return out;
+}
+
 }  // namespace
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_values, const at::Tensor& k_masks,
@@ -192,7 +207,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_values, con
     valid_b = valid->contiguous();
   }
   const AttendFn attend = choose_attend(isa, D);
-  const at::Tensor qs = (q.to(at::kFloat) * scale).contiguous();
+  const at::Tensor qs = scaled_query(q.contiguous(), static_cast<float>(scale));
   const bool bf16_model = q.scalar_type() == at::kBFloat16 && !ks.tail_f32;
   const at::Tensor q16 = bf16_model ? q.contiguous() : at::Tensor();
   const int64_t G = Hq / H, BH = B * H, S = splits_per_head(BH, T);
@@ -217,7 +232,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_values, con
               "values it keeps (", ks.keep, " for K, ", vs.keep, " for V)");
   at::Tensor out = at::empty({B, Hq, D}, f32);
   merge_partials(m, l, acc, S, G, D, out.data_ptr<float>());
-  return out.to(q.scalar_type());
+  return to_dtype(out, q.scalar_type());
 }
 
 TORCH_LIBRARY_IMPL(sparamx, CPU, m) { m.impl("decode_attention", &decode_attention); }

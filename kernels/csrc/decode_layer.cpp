@@ -10,6 +10,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -33,6 +34,7 @@ struct Linear {
 };
 
 struct LayerWeights {
+  std::vector<int64_t> heads;  // query heads, KV heads, head_dim
   at::Tensor input_norm, post_norm;
   std::vector<Linear> qkv, o, gate_up, down;
 };
@@ -45,7 +47,7 @@ at::Tensor required(const std::vector<std::optional<at::Tensor>>& slots, size_t 
 // The weights list and its shapes ([n_qkv, n_gate_up, then (out, in) per linear]) as the layer's parts, with every
 // linear's shape checked against the heads and the hidden size (the linear ops check each tensor's own layout).
 LayerWeights parse_weights(const c10::List<std::optional<at::Tensor>>& weights, at::IntArrayRef shapes, int64_t Hd,
-                           int64_t Hq, int64_t Hkv, int64_t D) {
+                           at::ScalarType dtype, int64_t Hq, int64_t Hkv, int64_t D) {
   TORCH_CHECK(shapes.size() >= 2, kOp, ": shapes must start with the q/k/v and gate/up linear counts");
   const int64_t n_qkv = shapes[0], n_gu = shapes[1], L = n_qkv + n_gu + 2;
   TORCH_CHECK((n_qkv == 1 || n_qkv == 3) && (n_gu == 1 || n_gu == 2), kOp,
@@ -55,9 +57,10 @@ LayerWeights parse_weights(const c10::List<std::optional<at::Tensor>>& weights, 
               kOp, ": ", L, " linears need ", 2 + 2 * L, " shapes and ", 2 + kSlots * L, " weight slots, got ",
               shapes.size(), " and ", weights.size());
   const std::vector<std::optional<at::Tensor>> slots = weights.vec();
-  LayerWeights w{required(slots, 0, "input norm"), required(slots, 1, "post-attention norm"), {}, {}, {}, {}};
+  LayerWeights w{{Hq, Hkv, D}, required(slots, 0, "input norm"), required(slots, 1, "post-attention norm"), {}, {}, {}, {}};
   for (const at::Tensor* norm : {&w.input_norm, &w.post_norm}) {
-    TORCH_CHECK(norm->dim() == 1 && norm->size(0) == Hd, kOp, ": norm weights must be [", Hd, "], got ", norm->sizes());
+    TORCH_CHECK(norm->dim() == 1 && norm->size(0) == Hd && norm->scalar_type() == dtype && norm->is_contiguous(), kOp,
+                ": norm weights must be contiguous ", dtype, " [", Hd, "], got ", norm->scalar_type(), " ", norm->sizes());
   }
   for (int64_t i = 0; i < L; ++i) {
     const size_t s = 2 + kSlots * i;
@@ -82,11 +85,52 @@ LayerWeights parse_weights(const c10::List<std::optional<at::Tensor>>& weights, 
   return w;
 }
 
-// transformers' LlamaRMSNorm, op for op: fp32 mean of squares, rsqrt, back to the model's dtype, times the weight.
+// transformers' LlamaRMSNorm, rounding as its ops do: the fp32 mean of squares by torch's own reduction (at::mean, so
+// its summation order), then rsqrt, back to the model's dtype T and times the weight, in one loop.
+template <typename T>
 at::Tensor rms_norm(const at::Tensor& h, const at::Tensor& weight, double eps) {
-  const at::Tensor f = h.to(at::kFloat);
-  const at::Tensor normed = f * at::rsqrt(f.pow(2).mean(-1, true) + eps);
-  return weight * normed.to(h.scalar_type());
+  const int64_t B = h.size(0), Hd = h.size(1);
+  const T* hp = h.const_data_ptr<T>();
+  at::Tensor squares = at::empty({B, Hd}, h.options().dtype(at::kFloat));
+  float* sq = squares.data_ptr<float>();
+  for (int64_t i = 0; i < B * Hd; ++i) sq[i] = static_cast<float>(hp[i]) * static_cast<float>(hp[i]);
+  const at::Tensor variance = at::mean(squares, -1);
+  const float* var = variance.const_data_ptr<float>();
+  const T* wp = weight.const_data_ptr<T>();
+  at::Tensor out = at::empty_like(h);
+  T* op = out.data_ptr<T>();
+  for (int64_t b = 0; b < B; ++b) {
+    const float inv = 1.0f / std::sqrt(var[b] + static_cast<float>(eps));
+    for (int64_t k = 0; k < Hd; ++k) {
+      const T normed = static_cast<T>(static_cast<float>(hp[b * Hd + k]) * inv);
+      op[b * Hd + k] = static_cast<T>(static_cast<float>(wp[k]) * static_cast<float>(normed));
+    }
+  }
+  return out;
+}
+
+// a + b, or silu_a * b, element by element in T, each result rounded to T as torch's op rounds it.
+template <typename T>
+at::Tensor add(const at::Tensor& a, const at::Tensor& b) {
+  at::Tensor out = at::empty(a.sizes(), a.options());
+  const T* ap = a.const_data_ptr<T>();
+  const T* bp = b.const_data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  for (int64_t i = 0; i < out.numel(); ++i) op[i] = static_cast<T>(static_cast<float>(ap[i]) + static_cast<float>(bp[i]));
+  return out;
+}
+
+// SiLU(gate) * up for gate, up [B, I]: the SiLU by torch (its exp, so its rounding), the product rounded to T.
+template <typename T>
+at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) {
+  const at::Tensor act = at::silu(gate.contiguous());
+  const at::Tensor u = up.contiguous();
+  at::Tensor out = at::empty(act.sizes(), act.options());
+  const T* ap = act.const_data_ptr<T>();
+  const T* up_ = u.const_data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  for (int64_t i = 0; i < out.numel(); ++i) op[i] = static_cast<T>(static_cast<float>(ap[i]) * static_cast<float>(up_[i]));
+  return out;
 }
 
 // x * cos + rotate_half(x) * sin for H heads of each row of x [B, >= H * D] (row stride x.stride(0)), each product
@@ -126,10 +170,48 @@ void rope_and_append(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
       std::memcpy(vd + (b * Hkv + h) * cap * D, v.const_data_ptr<T>() + b * v.stride(0) + h * D, D * sizeof(T));
 }
 
+struct Cache {
+  const at::Tensor &k_values, &k_masks;
+  at::Tensor& k_tail;
+  const at::Tensor &v_values, &v_masks;
+  at::Tensor& v_tail;
+};
+
+template <typename T>
+at::Tensor layer_step(const at::Tensor& hidden, const at::Tensor& cos, const at::Tensor& sin, const LayerWeights& w,
+                      double eps, Cache kv, int64_t packed, int64_t tail, const std::optional<at::Tensor>& valid,
+                      double scale, c10::string_view isa) {
+  const int64_t B = hidden.size(0), Hq = w.heads[0], Hkv = w.heads[1], D = w.heads[2];
+  const at::Tensor x = rms_norm<T>(hidden, w.input_norm, eps);
+  at::Tensor q, k, v;
+  if (w.qkv.size() == 1) {
+    const at::Tensor qkv = w.qkv[0](x, isa);
+    q = qkv.narrow(1, 0, Hq * D), k = qkv.narrow(1, Hq * D, Hkv * D), v = qkv.narrow(1, (Hq + Hkv) * D, Hkv * D);
+  } else {
+    q = w.qkv[0](x, isa), k = w.qkv[1](x, isa), v = w.qkv[2](x, isa);
+  }
+  at::Tensor q_rot = at::empty({B, Hq, D}, hidden.options());
+  rope_and_append<T>(q, k, v, cos, sin, q_rot, kv.k_tail, kv.v_tail, tail);
+  const at::Tensor attn = decode_attention(q_rot, kv.k_values, kv.k_masks, kv.k_tail, kv.v_values, kv.v_masks,
+                                           kv.v_tail, packed, tail + 1, valid, scale, isa);
+  const at::Tensor h = add<T>(hidden, w.o[0](attn.view({B, Hq * D}), isa));
+
+  const at::Tensor y = rms_norm<T>(h, w.post_norm, eps);
+  const int64_t I = w.down[0].K;
+  at::Tensor act;
+  if (w.gate_up.size() == 1) {
+    const at::Tensor gu = w.gate_up[0](y, isa);
+    act = silu_mul<T>(gu.narrow(1, 0, I), gu.narrow(1, I, I));
+  } else {
+    act = silu_mul<T>(w.gate_up[0](y, isa), w.gate_up[1](y, isa));
+  }
+  return add<T>(h, w.down[0](act, isa));
+}
+
 void check_inputs(const at::Tensor& hidden, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_tail,
                   const at::Tensor& v_tail, int64_t Hkv, int64_t D, int64_t tail) {
-  TORCH_CHECK(hidden.device().is_cpu() && hidden.dim() == 2, kOp, ": hidden must be a CPU [batch, hidden], got ",
-              hidden.sizes());
+  TORCH_CHECK(hidden.device().is_cpu() && hidden.dim() == 2 && hidden.is_contiguous(), kOp,
+              ": hidden must be a contiguous CPU [batch, hidden], got ", hidden.sizes());
   const at::ScalarType dtype = hidden.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, kOp, ": hidden must be float32 or bfloat16, got ",
               dtype);
@@ -161,37 +243,14 @@ at::Tensor decode_layer(const at::Tensor& hidden, const at::Tensor& cos, const a
   const int64_t Hq = heads[0], Hkv = heads[1], D = heads[2];
   TORCH_CHECK(Hq > 0 && Hkv > 0 && Hq % Hkv == 0, kOp, ": ", Hq, " query heads are not a multiple of ", Hkv);
   check_inputs(hidden, cos, sin, k_tail, v_tail, Hkv, D, tail);
-  const int64_t B = hidden.size(0), Hd = hidden.size(1);
-  const LayerWeights w = parse_weights(weights, shapes, Hd, Hq, Hkv, D);
+  const LayerWeights w = parse_weights(weights, shapes, hidden.size(1), hidden.scalar_type(), Hq, Hkv, D);
 
-  const at::Tensor x = rms_norm(hidden, w.input_norm, eps);
-  at::Tensor q, k, v;
-  if (w.qkv.size() == 1) {
-    const at::Tensor qkv = w.qkv[0](x, isa);
-    q = qkv.narrow(1, 0, Hq * D), k = qkv.narrow(1, Hq * D, Hkv * D), v = qkv.narrow(1, (Hq + Hkv) * D, Hkv * D);
-  } else {
-    q = w.qkv[0](x, isa), k = w.qkv[1](x, isa), v = w.qkv[2](x, isa);
-  }
-  at::Tensor q_rot = at::empty({B, Hq, D}, hidden.options());
   if (hidden.scalar_type() == at::kFloat) {
-    rope_and_append<float>(q, k, v, cos, sin, q_rot, k_tail, v_tail, tail);
-  } else {
-    rope_and_append<c10::BFloat16>(q, k, v, cos, sin, q_rot, k_tail, v_tail, tail);
+    return layer_step<float>(hidden, cos, sin, w, eps, {k_values, k_masks, k_tail, v_values, v_masks, v_tail},
+                             packed, tail, valid, scale, isa);
   }
-  const at::Tensor attn =
-      decode_attention(q_rot, k_values, k_masks, k_tail, v_values, v_masks, v_tail, packed, tail + 1, valid, scale, isa);
-  const at::Tensor h = hidden + w.o[0](attn.view({B, Hq * D}), isa);
-
-  const at::Tensor y = rms_norm(h, w.post_norm, eps);
-  at::Tensor gate, up;
-  const int64_t I = w.down[0].K;
-  if (w.gate_up.size() == 1) {
-    const at::Tensor gu = w.gate_up[0](y, isa);
-    gate = gu.narrow(1, 0, I), up = gu.narrow(1, I, I);
-  } else {
-    gate = w.gate_up[0](y, isa), up = w.gate_up[1](y, isa);
-  }
-  return h + w.down[0](at::silu(gate) * up, isa);
+  return layer_step<c10::BFloat16>(hidden, cos, sin, w, eps, {k_values, k_masks, k_tail, v_values, v_masks, v_tail},
+                                   packed, tail, valid, scale, isa);
 }
 
 TORCH_LIBRARY_IMPL(sparamx, CPU, m) { m.impl("decode_layer", &decode_layer); }

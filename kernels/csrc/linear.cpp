@@ -111,6 +111,7 @@ bool quantize_rows(const T* xp, int64_t M, int64_t K, int64_t Kp, uint8_t* qp, f
         const float v = static_cast<float>(row[k]);
         qp[m * Kp + k] = static_cast<uint8_t>(std::min(255.0f, std::max(0.0f, std::nearbyint(v / s) + z)));
       }
+      std::memset(qp + m * Kp + K, 0, Kp - K);
       sp[m] = s;
       zp[m] = static_cast<int32_t>(z);
     }
@@ -120,7 +121,7 @@ bool quantize_rows(const T* xp, int64_t M, int64_t K, int64_t Kp, uint8_t* qp, f
 
 at::Tensor quantize_rows_u8(const at::Tensor& x2d, int64_t Kp, at::Tensor& scale, at::Tensor& zero) {
   const int64_t M = x2d.size(0), K = x2d.size(1);
-  at::Tensor q = at::zeros({M, Kp}, x2d.options().dtype(at::kByte));
+  at::Tensor q = at::empty({M, Kp}, x2d.options().dtype(at::kByte));
   scale = at::empty({M}, x2d.options().dtype(at::kFloat));
   zero = at::empty({M}, x2d.options().dtype(at::kInt));
   uint8_t* qp = q.data_ptr<uint8_t>();
@@ -162,6 +163,11 @@ at::Tensor widen_x(const at::Tensor& x2d, int64_t Kp, int64_t C, bool split_pair
   return x2d.scalar_type() == at::kFloat
              ? widen_rows(x2d.const_data_ptr<float>(), M, K, Kp, C, split_pairs, x2d.options())
              : widen_rows(x2d.const_data_ptr<c10::BFloat16>(), M, K, Kp, C, split_pairs, x2d.options());
+}
+
+// t as contiguous fp32 (no copy when it already is one): the per-call scales and bias.
+at::Tensor as_float_vector(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat && t.is_contiguous() ? t : t.reshape({-1}).to(at::kFloat).contiguous();
 }
 
 struct Weights {
@@ -287,8 +293,8 @@ at::Tensor run_linear(const at::Tensor& x, const Weights& w, const std::optional
   const int64_t C = chunk_width(w.values.scalar_type()), NB = ceil_div(w.N, kRows), KC = ceil_div(w.K, C);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = w.N;
-  const at::Tensor scale32 = int8 ? weight_scale->reshape({-1}).to(at::kFloat).contiguous() : at::Tensor();
-  const at::Tensor bias32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const at::Tensor scale32 = int8 ? as_float_vector(*weight_scale) : at::Tensor();
+  const at::Tensor bias32 = bias.has_value() ? as_float_vector(*bias) : at::Tensor();
   at::Tensor xq, x_scale, x_zero;
   if (int8) xq = quantize_rows_u8(x2d, KC * C, x_scale, x_zero);
   Problem p{nullptr, M, KC * C, w.N, KC, static_cast<const uint8_t*>(w.values.const_data_ptr()),
@@ -317,10 +323,24 @@ at::Tensor run_linear(const at::Tensor& x, const Weights& w, const std::optional
       run_blocks(op, p, NB, path == KernelPath::kAvx512 ? &avx512_blocks : &avx2_blocks);
     }
   }
-  return y.to(x.scalar_type()).reshape(out_shape);
+  return to_dtype(y, x.scalar_type()).view(out_shape);
 }
 
 }  // namespace
+
+// fp32 `result` in `dtype` (fp32 or bf16): bf16 rounded to nearest even as Tensor.to rounds, in one loop (no TensorIterator).
+at::Tensor to_dtype(const at::Tensor& result, at::ScalarType dtype) {
+  const at::Tensor y = result.contiguous();
+  if (dtype == at::kFloat) return y;
+  at::Tensor out = at::empty(y.sizes(), y.options().dtype(dtype));
+  const float* src = y.const_data_ptr<float>();
+  c10::BFloat16* dst = out.data_ptr<c10::BFloat16>();
+  const int64_t n = y.numel();
+  at::parallel_for(0, n, 1 << 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) dst[i] = c10::BFloat16(src[i]);
+  });
+  return out;
+}
 
 int64_t amx_min_rows() { return kAmxRows; }
 
