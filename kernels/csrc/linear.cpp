@@ -14,7 +14,9 @@
 
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -84,6 +86,10 @@ void run_blocks(const char* op, const Problem& p, int64_t NB, BlocksFn run) {
   TORCH_CHECK(ok.load(), op, kDisagree);
 }
 
+// Round to nearest even, as torch.round and std::nearbyint do, for |t| < 2^22 (all that quantization meets: |x / s|
+// <= 255): adding and taking away 1.5 * 2^23 leaves t rounded, in two plain adds that vectorize.
+inline float round_even(float t) { return (t + 12582912.0f) - 12582912.0f; }
+
 // Per-row asymmetric uint8 quantization of x [M, K] (fp32 or bf16, read as it is) into a zero-padded [M, Kp] buffer;
 // writes scale and zero point. Rounding is to nearest even, as torch.round, so a Python reference reproduces it.
 template <typename T>
@@ -92,26 +98,25 @@ bool quantize_rows(const T* xp, int64_t M, int64_t K, int64_t Kp, uint8_t* qp, f
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       const T* row = xp + m * K;  // read as float element by element: bf16 widens exactly
-      float lo = 0.0f, hi = 0.0f;
-      bool ok = true;
+      float lo = 0.0f, hi = 0.0f, poison = 0.0f;  // poison: inf * 0 and nan * 0 are nan
       for (int64_t k = 0; k < K; ++k) {
         const float v = static_cast<float>(row[k]);
-        ok &= std::isfinite(v);
+        poison += v * 0.0f;
         lo = std::min(lo, v);
         hi = std::max(hi, v);
       }
-      if (!ok) {
+      if (poison != 0.0f) {
         finite = false;
         continue;
       }
       float s = (hi - lo) / 255.0f;
       if (s == 0.0f) s = 1.0f;
-      const float z = std::min(255.0f, std::max(0.0f, std::nearbyint(-lo / s)));
+      const float z = std::min(255.0f, std::max(0.0f, round_even(-lo / s)));
+      uint8_t* q = qp + m * Kp;
       for (int64_t k = 0; k < K; ++k) {
-        const float v = static_cast<float>(row[k]);
-        qp[m * Kp + k] = static_cast<uint8_t>(std::min(255.0f, std::max(0.0f, std::nearbyint(v / s) + z)));
+        q[k] = static_cast<uint8_t>(std::min(255.0f, std::max(0.0f, round_even(static_cast<float>(row[k]) / s) + z)));
       }
-      std::memset(qp + m * Kp + K, 0, Kp - K);
+      std::memset(q + K, 0, Kp - K);
       sp[m] = s;
       zp[m] = static_cast<int32_t>(z);
     }
@@ -119,28 +124,27 @@ bool quantize_rows(const T* xp, int64_t M, int64_t K, int64_t Kp, uint8_t* qp, f
   return finite.load();
 }
 
-at::Tensor quantize_rows_u8(const at::Tensor& x2d, int64_t Kp, at::Tensor& scale, at::Tensor& zero) {
+void quantize_x(const at::Tensor& x2d, int64_t Kp, uint8_t* qp, float* sp, int32_t* zp) {
   const int64_t M = x2d.size(0), K = x2d.size(1);
-  at::Tensor q = at::empty({M, Kp}, x2d.options().dtype(at::kByte));
-  scale = at::empty({M}, x2d.options().dtype(at::kFloat));
-  zero = at::empty({M}, x2d.options().dtype(at::kInt));
-  uint8_t* qp = q.data_ptr<uint8_t>();
-  float* sp = scale.data_ptr<float>();
-  int32_t* zp = zero.data_ptr<int32_t>();
   const bool finite = x2d.scalar_type() == at::kFloat
                           ? quantize_rows(x2d.const_data_ptr<float>(), M, K, Kp, qp, sp, zp)
                           : quantize_rows(x2d.const_data_ptr<c10::BFloat16>(), M, K, Kp, qp, sp, zp);
   TORCH_CHECK(finite, "int8 linear: x holds inf or nan; it cannot be quantized");
+}
+
+at::Tensor quantize_rows_u8(const at::Tensor& x2d, int64_t Kp, at::Tensor& scale, at::Tensor& zero) {
+  const int64_t M = x2d.size(0);
+  at::Tensor q = at::empty({M, Kp}, x2d.options().dtype(at::kByte));
+  scale = at::empty({M}, x2d.options().dtype(at::kFloat));
+  zero = at::empty({M}, x2d.options().dtype(at::kInt));
+  quantize_x(x2d, Kp, q.data_ptr<uint8_t>(), scale.data_ptr<float>(), zero.data_ptr<int32_t>());
   return q;
 }
 
 // x rounded to bf16 (as torch rounds) and widened to fp32, zero-padded to Kp columns, in one pass: [M, Kp] for AVX2;
 // for AVX-512 each chunk of C columns holds its even columns, then its odd ones (the pairs vdpbf16ps multiplies).
 template <typename T>
-at::Tensor widen_rows(const T* xp, int64_t M, int64_t K, int64_t Kp, int64_t C, bool split_pairs,
-                   const at::TensorOptions& options) {
-  at::Tensor out = at::empty({M, Kp}, options.dtype(at::kFloat));
-  float* op = out.data_ptr<float>();
+void widen_rows(const T* xp, int64_t M, int64_t K, int64_t Kp, int64_t C, bool split_pairs, float* op) {
   const int64_t half = split_pairs ? C / 2 : 0;
   at::parallel_for(0, M, 64, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
@@ -155,14 +159,43 @@ at::Tensor widen_rows(const T* xp, int64_t M, int64_t K, int64_t Kp, int64_t C, 
       }
     }
   });
-  return out;
+}
+
+void widen_into(const at::Tensor& x2d, int64_t Kp, int64_t C, bool split_pairs, float* out) {
+  const int64_t M = x2d.size(0), K = x2d.size(1);
+  if (x2d.scalar_type() == at::kFloat) {
+    widen_rows(x2d.const_data_ptr<float>(), M, K, Kp, C, split_pairs, out);
+  } else {
+    widen_rows(x2d.const_data_ptr<c10::BFloat16>(), M, K, Kp, C, split_pairs, out);
+  }
 }
 
 at::Tensor widen_x(const at::Tensor& x2d, int64_t Kp, int64_t C, bool split_pairs) {
-  const int64_t M = x2d.size(0), K = x2d.size(1);
-  return x2d.scalar_type() == at::kFloat
-             ? widen_rows(x2d.const_data_ptr<float>(), M, K, Kp, C, split_pairs, x2d.options())
-             : widen_rows(x2d.const_data_ptr<c10::BFloat16>(), M, K, Kp, C, split_pairs, x2d.options());
+  at::Tensor out = at::empty({x2d.size(0), Kp}, x2d.options().dtype(at::kFloat));
+  widen_into(x2d, Kp, C, split_pairs, out.data_ptr<float>());
+  return out;
+}
+
+// Up to this many rows of x (decode), the AVX-512 and AVX2 paths keep their temporaries in per-thread scratch: the
+// call then allocates only its output. Bounded so that scratch stays small (y of a 128k-vocabulary head: 2 MiB).
+constexpr int64_t kScratchRows = 4;
+
+// Per-thread buffer `slot` (0: x quantized or widened, 1: its int8 scales and zero points, 2: y in fp32, 3: the
+// quantized x widened to int16 for AVX2) of at least `bytes`, 64-byte aligned; grown when a call needs more, kept.
+uint8_t* scratch(int slot, size_t bytes) {
+  struct Buffer {
+    std::unique_ptr<uint8_t, decltype(&std::free)> data{nullptr, &std::free};
+    size_t size = 0;
+  };
+  thread_local Buffer buffers[4];
+  Buffer& b = buffers[slot];
+  if (b.size < bytes) {
+    const size_t size = (bytes + 63) / 64 * 64;
+    b.data.reset(static_cast<uint8_t*>(std::aligned_alloc(64, size)));
+    TORCH_CHECK(b.data, "linear: cannot allocate ", size, " bytes of scratch");
+    b.size = size;
+  }
+  return b.data.get();
 }
 
 // t as contiguous fp32 (no copy when it already is one): the per-call scales and bias.
@@ -276,6 +309,38 @@ at::Tensor lay_out_x(KernelPath path, const at::Tensor& x2d, const at::Tensor& x
   return widen_x(x2d, Kp, C, path != KernelPath::kAvx2);
 }
 
+// The AVX-512 or AVX2 loops for at most kScratchRows rows of x, temporaries in scratch: x quantized (int8 weights,
+// widened to int16 for AVX2) or widened, y in fp32 written straight into the output or rounded into it.
+at::Tensor small_linear(const char* op, KernelPath path, const at::Tensor& x2d, Problem p, int64_t NB,
+                        at::IntArrayRef out_shape) {
+  const int64_t M = p.M, Kp = p.Kp;
+  const at::ScalarType dtype = x2d.scalar_type();
+  if (p.row_sums) {
+    uint8_t* q = scratch(0, M * Kp);
+    float* sp = reinterpret_cast<float*>(scratch(1, M * 8));
+    int32_t* zp = reinterpret_cast<int32_t*>(sp + M);
+    quantize_x(x2d, Kp, q, sp, zp);
+    p.x = q, p.x_scale = sp, p.x_zero = zp;
+    if (path == KernelPath::kAvx2) {
+      int16_t* wide = reinterpret_cast<int16_t*>(scratch(3, M * Kp * 2));
+      for (int64_t i = 0; i < M * Kp; ++i) wide[i] = q[i];
+      p.x = reinterpret_cast<const uint8_t*>(wide);
+    }
+  } else {
+    float* xf = reinterpret_cast<float*>(scratch(0, M * Kp * 4));
+    widen_into(x2d, Kp, chunk_width(at::kBFloat16), path != KernelPath::kAvx2, xf);
+    p.x = reinterpret_cast<const uint8_t*>(xf);
+  }
+  at::Tensor out = at::empty(out_shape, x2d.options());
+  p.y = dtype == at::kFloat ? out.data_ptr<float>() : reinterpret_cast<float*>(scratch(2, M * p.N * 4));
+  run_blocks(op, p, NB, path == KernelPath::kAvx512 ? &avx512_blocks : &avx2_blocks);
+  if (dtype != at::kFloat) {
+    c10::BFloat16* dst = out.data_ptr<c10::BFloat16>();
+    for (int64_t i = 0; i < M * p.N; ++i) dst[i] = c10::BFloat16(p.y[i]);
+  }
+  return out;
+}
+
 at::Tensor run_linear(const at::Tensor& x, const Weights& w, const std::optional<at::Tensor>& weight_scale,
                       const std::optional<at::Tensor>& bias, c10::string_view isa) {
   const char* op = w.op;
@@ -295,14 +360,19 @@ at::Tensor run_linear(const at::Tensor& x, const Weights& w, const std::optional
   out_shape.back() = w.N;
   const at::Tensor scale32 = int8 ? as_float_vector(*weight_scale) : at::Tensor();
   const at::Tensor bias32 = bias.has_value() ? as_float_vector(*bias) : at::Tensor();
-  at::Tensor xq, x_scale, x_zero;
-  if (int8) xq = quantize_rows_u8(x2d, KC * C, x_scale, x_zero);
   Problem p{nullptr, M, KC * C, w.N, KC, static_cast<const uint8_t*>(w.values.const_data_ptr()),
             w.masks.defined() ? w.masks.const_data_ptr<uint8_t>() : nullptr,
             w.masks.defined() ? w.block_offsets.const_data_ptr<int64_t>() : nullptr,
             int8 ? w.row_sums.const_data_ptr<int32_t>() : nullptr, int8 ? scale32.const_data_ptr<float>() : nullptr,
-            int8 ? x_scale.const_data_ptr<float>() : nullptr, int8 ? x_zero.const_data_ptr<int32_t>() : nullptr,
-            bias32.defined() ? bias32.const_data_ptr<float>() : nullptr, nullptr};
+            nullptr, nullptr, bias32.defined() ? bias32.const_data_ptr<float>() : nullptr, nullptr};
+  if (M <= kScratchRows && (path == KernelPath::kAvx512 || path == KernelPath::kAvx2)) {
+    return small_linear(op, path, x2d, p, NB, out_shape);
+  }
+  at::Tensor xq, x_scale, x_zero;
+  if (int8) {
+    xq = quantize_rows_u8(x2d, KC * C, x_scale, x_zero);
+    p.x_scale = x_scale.const_data_ptr<float>(), p.x_zero = x_zero.const_data_ptr<int32_t>();
+  }
 
   at::Tensor y;
   if (path == KernelPath::kReference) {
