@@ -1,9 +1,9 @@
-"""The fused decode step sparamx.load installs: each generated token runs one decode_layer op per decoder layer
-(csrc/decode_layer.cpp: norms, q/k/v, RoPE, our KV cache, attention, o, gate/up, SiLU, down, in C++), in place of
-transformers' ~100 module calls and aten ops per layer around our kernels. q/k/v and gate/up each run as one
-linear (modules.fuse_rows), their outputs split after. Prefill, and any call the step does not cover (several tokens,
-inputs_embeds, labels, attention or hidden-state outputs, a cache that is not our SparseKVCache), runs the model's
-own forward; so does every call with `model.sparamx_decode_step = None`. Both give the same numbers.
+"""The fused decode step sparamx.load installs: each generated token runs every decoder layer in one C++ call
+(csrc/decode_layer.cpp's DecoderStack, per layer: norms, q/k/v, RoPE, our KV cache, attention, o, gate/up, SiLU,
+down), in place of transformers' ~100 module calls and aten ops per layer around our kernels. q/k/v and gate/up
+each run as one linear (modules.fuse_rows), their outputs split after. Prefill, and any call the step does not cover
+(several tokens, inputs_embeds, labels, attention or hidden-state outputs, a cache that is not our SparseKVCache),
+runs the model's own forward; so does every call with `model.sparamx_decode_step = None`. Both give the same numbers.
 """
 
 import functools
@@ -15,7 +15,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..pipeline.errors import ModelError
 from ..pipeline.models import decoder_layers
-from . import ops
+from . import cpu_paths
 from .kv_cache import SparseKVCache, check_supported
 from .modules import _PackedLinear, fuse_rows
 
@@ -81,6 +81,10 @@ class DecodeStep:
         self.eps, self.scale = eps.pop(), attention.scaling
         self.heads = (config.num_attention_heads, config.num_key_value_heads, attention.head_dim)
         self.layers = [_layer_args(i, layer) for i, layer in enumerate(layers)]
+        # The same layers held in C++, checked once here: one call runs them all for each token.
+        self.stack = torch.classes.sparamx.DecoderStack(config.hidden_size, list(self.heads), self.eps, self.scale)
+        for weights, shapes in self.layers:
+            self.stack.add_layer(weights, shapes)
 
     @staticmethod
     def takes(kwargs: dict) -> bool:
@@ -107,10 +111,14 @@ class DecodeStep:
             position_ids = torch.full((1, 1), past, dtype=torch.long)
         cos, sin = (t[:, 0].expand(hidden.shape[0], -1).contiguous() for t in base.rotary_emb(hidden, position_ids))
         valid = _valid(attention_mask, past + 1)
-        h = hidden[:, 0]
-        for (weights, shapes), layer in zip(self.layers, cache.layers, strict=True):
-            h = ops.decode_layer(h, cos, sin, weights, shapes, self.heads, self.eps, layer.reserve_token(), valid,
-                                 self.scale)  # fmt: skip
+        kv, packed, tails = [], [], []
+        for layer in cache.layers:
+            *buffers, count, tail = layer.reserve_token()
+            kv += buffers
+            packed.append(count)
+            tails.append(tail)
+        h = self.stack.step(hidden[:, 0], cos, sin, kv, packed, tails, valid, cpu_paths.isa())
+        for layer in cache.layers:
             layer.tail += 1
         return model.lm_head(base.norm(h)[:, None])
 

@@ -253,6 +253,70 @@ at::Tensor decode_layer(const at::Tensor& hidden, const at::Tensor& cos, const a
                                    packed, tail, valid, scale, isa);
 }
 
+namespace {
+
+// A model's decoder layers for the decode step: each layer's weights parsed and checked once, when it is added, so
+// that one call per token runs every layer (DecoderStack.step) with no per-layer argument passing or parsing.
+class DecoderStack : public torch::CustomClassHolder {
+ public:
+  DecoderStack(int64_t hidden, std::vector<int64_t> heads, double eps, double scale)
+      : hidden_(hidden), heads_(std::move(heads)), eps_(eps), scale_(scale) {
+    TORCH_CHECK(hidden_ > 0 && heads_.size() == 3 && heads_[0] > 0 && heads_[1] > 0 && heads_[0] % heads_[1] == 0 &&
+                    heads_[2] > 0 && heads_[2] % 2 == 0,
+                "DecoderStack: heads must be [query heads, KV heads dividing them, even head_dim], got ", heads_);
+  }
+
+  void add_layer(const c10::List<std::optional<at::Tensor>>& weights, std::vector<int64_t> shapes) {
+    const std::optional<at::Tensor> norm = weights.size() ? weights.get(0) : std::nullopt;
+    TORCH_CHECK(norm.has_value(), "DecoderStack.add_layer: layer ", layers_.size(), "'s input norm is missing");
+    const at::ScalarType dtype = layers_.empty() ? norm->scalar_type() : dtype_;
+    layers_.push_back(parse_weights(weights, shapes, hidden_, dtype, heads_[0], heads_[1], heads_[2]));
+    dtype_ = dtype;
+  }
+
+  // Every layer for one new token per sequence; kv holds each layer's six cache tensors (k_values, k_masks, k_tail,
+  // v_values, v_masks, v_tail), packed and tails its token counts. -> the last layer's output.
+  at::Tensor step(at::Tensor hidden, const at::Tensor& cos, const at::Tensor& sin, std::vector<at::Tensor> kv,
+                  std::vector<int64_t> packed, std::vector<int64_t> tails, const std::optional<at::Tensor>& valid,
+                  const std::string& isa) {
+    const size_t L = layers_.size();
+    TORCH_CHECK(kv.size() == 6 * L && packed.size() == L && tails.size() == L, "DecoderStack.step: ", L,
+                " layers need ", 6 * L, " cache tensors and ", L, " token counts of each kind, got ", kv.size(), ", ",
+                packed.size(), " and ", tails.size());
+    TORCH_CHECK(hidden.scalar_type() == dtype_, "DecoderStack.step: hidden must be ", dtype_, " as the layers are");
+    for (size_t i = 0; i < L; ++i) {
+      at::Tensor* c = kv.data() + 6 * i;
+      check_inputs(hidden, cos, sin, c[2], c[5], heads_[1], heads_[2], tails[i]);
+      const Cache cache{c[0], c[1], c[2], c[3], c[4], c[5]};
+      hidden = dtype_ == at::kFloat
+                   ? layer_step<float>(hidden, cos, sin, layers_[i], eps_, cache, packed[i], tails[i], valid, scale_, isa)
+                   : layer_step<c10::BFloat16>(hidden, cos, sin, layers_[i], eps_, cache, packed[i], tails[i], valid,
+                                               scale_, isa);
+    }
+    return hidden;
+  }
+
+  int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
+
+ private:
+  int64_t hidden_;
+  std::vector<int64_t> heads_;
+  double eps_, scale_;
+  at::ScalarType dtype_ = at::kFloat;
+  std::vector<LayerWeights> layers_;
+};
+
+}  // namespace
+
 TORCH_LIBRARY_IMPL(sparamx, CPU, m) { m.impl("decode_layer", &decode_layer); }
+
+// The class beside its code (torchbind classes take no schema of their own in registration.cpp's block).
+TORCH_LIBRARY_FRAGMENT(sparamx, m) {
+  m.class_<DecoderStack>("DecoderStack")
+      .def(torch::init<int64_t, std::vector<int64_t>, double, double>())
+      .def("add_layer", &DecoderStack::add_layer)
+      .def("step", &DecoderStack::step)
+      .def("num_layers", &DecoderStack::num_layers);
+}
 
 }  // namespace sparamx
