@@ -46,10 +46,10 @@ def load(
     `verify` checks each file's sha256 first.
     kv_cache=True: generate() decodes through our KV cache and decode-attention op (kernels/kv_cache.py), with the
     artifact's recorded kv settings, (k, v) sparsity overridden by `kv_sparsity`. Default: so when `kv_sparsity` is
-    given (0, 0 included: our dense cache) or the artifact's recipe asks for a sparse cache; else transformers' own
-    cache and attention, as with kv_cache=False.
-    fused_decode: generate() runs each new token as one decode_layer op per layer (kernels/decode_step.py), on our KV
-    cache, with q/k/v and gate/up fused; the same tokens as the module-by-module path, without its per-token
+    given (0, 0 included: our dense cache), the artifact's recipe asks for a sparse cache, or the fused decode step
+    runs (it needs our cache); else transformers' own cache and attention, as with kv_cache=False.
+    fused_decode: generate() runs each new token through all decoder layers in one C++ call (kernels/decode_step.py),
+    on our KV cache, with q/k/v and gate/up fused: the same tokens as the module-by-module path, without its per-token
     overhead. None (default): so where it can (kernels on, a Llama-family model, kv_cache not False); True: so or an
     error saying why not; False: off (or, after loading, model.sparamx_decode_step = None).
     """

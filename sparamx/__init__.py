@@ -7,17 +7,33 @@ report = sparamx.compress("smollm2-135m", recipe="wanda-50", out="artifacts/..."
 __version__ = "0.1.0"
 
 
-def load(path, dtype=None, verify: bool = True, kernels: bool | None = None, kv_sparsity=None, kv_cache=None):
+def load(
+    path,
+    dtype=None,
+    verify: bool = True,
+    kernels: bool | None = None,
+    kv_sparsity=None,
+    kv_cache=None,
+    fused_decode: bool | None = None,
+):
     """Load an artifact directory -> (transformers model, tokenizer); packed linears run on our kernels where the CPU
     has AVX2 or better (or kernels=True), else they are unpacked to dense torch weights (or kernels=False).
-    kv_sparsity=(k, v) (or an artifact whose recipe asks for it) makes generate() decode through our sparse KV cache
-    and attention op; kv_cache=True / False chooses explicitly (sparamx.kernels.loader.load has the rules)."""
+    On our kernels, generate() runs each new token through all decoder layers in one C++ call, on our KV cache
+    (fused_decode=False: module by module, for debugging). kv_sparsity=(k, v) (or an artifact whose recipe asks for
+    it) makes that cache sparse; kv_cache=False decodes with transformers' cache and attention instead
+    (sparamx.kernels.loader.load has the rules)."""
     import torch
 
     from .kernels.loader import load as _load
 
     return _load(
-        path, dtype=dtype or torch.bfloat16, verify=verify, kernels=kernels, kv_sparsity=kv_sparsity, kv_cache=kv_cache
+        path,
+        dtype=dtype or torch.bfloat16,
+        verify=verify,
+        kernels=kernels,
+        kv_sparsity=kv_sparsity,
+        kv_cache=kv_cache,
+        fused_decode=fused_decode,
     )
 
 

@@ -81,7 +81,12 @@ def cmd_generate(args) -> int:
 
     from . import load
 
-    model, tokenizer = load(args.path, kv_sparsity=args.kv_sparsity, kv_cache=False if args.no_kv_cache else None)
+    model, tokenizer = load(
+        args.path,
+        kv_sparsity=args.kv_sparsity,
+        kv_cache=False if args.no_kv_cache else None,
+        fused_decode=False if args.no_fused_decode else None,
+    )
     if args.chat:
         messages = [{"role": "user", "content": args.prompt}]
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
@@ -217,10 +222,18 @@ def add_kv_options(parser) -> None:
         type=kv_sparsity_arg,
         metavar="K,V",
         help="fraction of each cached K and V vector dropped in generation, e.g. 0.5,0.5; 0,0 is our dense cache "
-        "(default: the artifact's recipe, else transformers' cache)",
+        "(default: the artifact's recipe, else 0,0)",
     )
     parser.add_argument(
-        "--no-kv-cache", action="store_true", help="decode with transformers' own KV cache and attention instead"
+        "--no-kv-cache",
+        action="store_true",
+        help="decode with transformers' own KV cache and attention instead (and so module by module)",
+    )
+    parser.add_argument(
+        "--no-fused-decode",
+        action="store_true",
+        help="decode module by module through transformers instead of one C++ call per token (the same tokens; "
+        "slower: for debugging)",
     )
 
 

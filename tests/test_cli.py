@@ -72,6 +72,10 @@ def test_generate_prints_a_completion_and_speed(artifact):
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("Hello") and "tokens/s" in result.stderr
     assert "sparamx kernels: " in result.stderr or "torch (weights unpacked)" in result.stderr
+    if "sparamx kernels: " in result.stderr:  # on our kernels, generate runs the fused decode step unless told not to
+        assert "fused decode step" in result.stderr
+        unfused = run_cli("generate", str(artifact), "--prompt", "Hello", "--max-new-tokens", "4", "--no-fused-decode")
+        assert unfused.stdout == result.stdout and "fused decode step" not in unfused.stderr
     chat = run_cli("generate", str(artifact), "--chat", "--prompt", "Hello", "--max-new-tokens", "4")
     assert chat.returncode == 0, chat.stderr
     assert "<|im_start|>" not in chat.stdout and "4 tokens" in chat.stderr

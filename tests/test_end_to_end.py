@@ -181,6 +181,41 @@ def test_generate_streams_text_through_a_sparse_kv_cache(artifacts, wikitext, ca
     assert cache.layers[0].packed == ids.shape[1] - model.sparamx_kv.recent  # folded at the first decode step
 
 
+def test_fused_decode_step_gives_the_tokens_of_the_module_path(artifacts, wikitext, report):
+    """The default load decodes through the fused step (kernels/decode_step.py: one C++ call per token runs all 30
+    layers); with model.sparamx_decode_step = None the same model decodes module by module through transformers.
+    Real text, the shipped int8 recipe, batch 2 with the shorter prompt left-padded: the same greedy tokens, and the
+    same scores bit for bit."""
+    model, tokenizer = sparamx.load(artifacts["wanda-50-int8"])
+    assert model.sparamx_runtime.endswith("fused decode step")
+    first, second = (tokenizer(text, return_tensors="pt").input_ids[0] for text in (wikitext[:400], wikitext[900:1200]))
+    n = max(len(first), len(second))
+    ids = torch.full((2, n), tokenizer.eos_token_id)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate((first, second)):
+        ids[row, n - len(prompt) :], mask[row, n - len(prompt) :] = prompt, 1
+    runs = []
+    for step in (model.sparamx_decode_step, None):
+        model.sparamx_decode_step = step
+        with torch.no_grad():
+            runs.append(
+                model.generate(
+                    ids,
+                    attention_mask=mask,
+                    max_new_tokens=24,
+                    do_sample=False,
+                    output_scores=True,
+                    return_dict_in_generate=True,
+                    pad_token_id=tokenizer.eos_token_id,
+                )  # fmt: skip
+            )
+    fused, unfused = runs
+    report(f"fused decode step, wanda-50-int8: {tokenizer.decode(fused.sequences[0, n:])!r}")
+    assert torch.equal(fused.sequences, unfused.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(fused.scores, unfused.scores, strict=True))
+    assert len(set(fused.sequences[0, n:].tolist())) >= 6  # real text, not one token repeated
+
+
 def test_eval_gate_passes_wanda_and_fails_magnitude_90(artifacts, tmp_path, monkeypatch, capsys, report):
     """`sparamx eval` with each recipe's own gate (>= 80% of dense on hellaswag_local and piqa_local, first 100
     examples), on hellaswag_local to keep CI short: the dense model is scored once (cached) for both artifacts."""
