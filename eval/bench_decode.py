@@ -30,12 +30,14 @@ RUNTIMES = {  # name -> recipe of the artifact it loads (None: stock transformer
     "sparamx 50% int8": "magnitude-50-int8",  # lm_head int8 too (quantize.lm_head); the next row keeps it bf16
     "sparamx 50% int8, bf16 lm_head": "magnitude-50-int8-bf16-head",
     "sparamx int8": "int8-unsmoothed",  # lm_head bf16, as in recipes/int8.yaml
+    "sparamx 50% int8, module by module": "magnitude-50-int8",
     "sparamx 50% int8, transformers KV cache": "magnitude-50-int8",
     "sparamx 50% int8, KV 50%/50%": "magnitude-50-int8",
 }
-# How the runtimes above that differ in attention alone load their artifact (the others: sparamx.load's defaults,
-# which decode through our dense KV cache and attention op).
+# How the runtimes above that differ in the decode path alone load their artifact (the others: sparamx.load's
+# defaults, which decode through the fused step on our dense KV cache and attention op).
 LOAD_OPTIONS = {
+    "sparamx 50% int8, module by module": {"fused_decode": False},
     "sparamx 50% int8, transformers KV cache": {"kv_cache": False},
     "sparamx 50% int8, KV 50%/50%": {"kv_sparsity": (0.5, 0.5)},
 }
@@ -163,15 +165,33 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def weight_bytes(model) -> int:
+    """Bytes of weights a decode step reads: every linear's (packed, with its masks, offsets and scales, or plain) and
+    lm_head's. Not the embeddings (one row a token) nor the norms."""
+    import torch
+
+    from ..kernels.modules import _PackedLinear
+
+    total = 0
+    for module in model.modules():
+        if isinstance(module, _PackedLinear):
+            total += sum(t.nbytes for t in module.buffers(recurse=False) if t is not None)
+        elif isinstance(module, torch.nn.Linear):
+            total += module.weight.nbytes
+    return total
+
+
 def worker(spec: dict) -> dict:
     """One configuration, in this (fresh) process: load, warm up, time prefill and each decode step."""
+    weights = None
     if spec["runtime"] in bench_llamacpp.PEERS:
         load_s, steps = bench_llamacpp.time_generate(spec)
     else:
-        load_s, steps = time_generate(spec)
+        load_s, steps, weights = time_generate(spec)
     decode = statistics.median(steps[1:])
     return {
         **spec,
+        "weight_mb": weights / 2**20 if weights else None,
         "load_s": load_s,
         "prefill_ms": steps[0] * 1e3,
         "decode_ms_per_token": decode * 1e3,
@@ -187,8 +207,9 @@ def random_prompt(vocab_size: int, batch: int, prompt: int):
     return torch.randint(100, vocab_size - 100, (batch, prompt), generator=torch.Generator().manual_seed(0))
 
 
-def time_generate(spec: dict) -> tuple[float, list[float]]:
-    """Load seconds, then [prefill + first token, each later token] seconds of one greedy model.generate."""
+def time_generate(spec: dict) -> tuple[float, list[float], int]:
+    """Load seconds, [prefill + first token, each later token] seconds of one greedy model.generate, and the bytes of
+    weights each decode step reads."""
     import torch
     from transformers import LogitsProcessor, LogitsProcessorList
 
@@ -230,7 +251,7 @@ def time_generate(spec: dict) -> tuple[float, list[float]]:
         return [stamps.times[0] - begin] + [b - a for a, b in zip(stamps.times, stamps.times[1:], strict=False)]
 
     run(2, ids[:, :16])  # warm-up: kernels, allocator, thread pool (a short prompt: prefill is timed below)
-    return load_s, run(spec["new_tokens"], ids)
+    return load_s, run(spec["new_tokens"], ids), weight_bytes(model)
 
 
 def run_fresh(spec: dict) -> dict:
@@ -247,26 +268,35 @@ def run_fresh(spec: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def markdown(rows: list[dict]) -> str:
+def floor_ms(row: dict, bandwidth_gbps: float | None) -> float:
+    """The row's weight-bandwidth floor: the bytes of weights a decode step reads over the measured read bandwidth."""
+    if not row.get("weight_mb") or not bandwidth_gbps:
+        return float("nan")
+    return row["weight_mb"] * 2**20 / (bandwidth_gbps * 1e9) * 1e3
+
+
+def markdown(rows: list[dict], bandwidth_gbps: float | None = None) -> str:
     base = {
         (r["model"], r["batch"], r["prompt"]): r["tokens_per_s"]
         for r in rows
         if r["runtime"] == "stock bf16" and "error" not in r
     }
     lines = [
-        "| model | runtime | batch | prompt | prefill ms | decode ms/token | tokens/s | × stock bf16 | peak RSS MiB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | runtime | batch | prompt | prefill ms | decode ms/token | weight floor ms | tokens/s | × stock bf16 "
+        "| peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         head = f"| {r['model']} | {r['runtime']} | {r['batch']} | {r['prompt']} |"
         if "error" in r:
-            lines.append(f"{head} failed: {r['error'][:80]} | | | | |")
+            lines.append(f"{head} failed: {r['error'][:80]} | | | | | |")
             continue
         ratio = (
             r["tokens_per_s"] / base[key] if (key := (r["model"], r["batch"], r["prompt"])) in base else float("nan")
         )
         lines.append(
-            f"{head} {r['prefill_ms']:.1f} | {r['decode_ms_per_token']:.2f} | {r['tokens_per_s']:.1f} | "
+            f"{head} {r['prefill_ms']:.1f} | {r['decode_ms_per_token']:.2f} | {floor_ms(r, bandwidth_gbps):.2f} | "
+            f"{r['tokens_per_s']:.1f} | "
             f"{ratio:.2f} | {r['peak_rss_mb']:.0f} |"
         )
     return "\n".join(lines + peer_ratios(rows)) + "\n"
@@ -331,6 +361,12 @@ def build_parser(prog=None) -> argparse.ArgumentParser:
     parser.add_argument("--new-tokens", type=int, default=16, help="generated tokens per timed run")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--cache", default="artifacts/bench", help="where the benchmark's artifacts are kept")
+    parser.add_argument(
+        "--bandwidth-gib",
+        type=float,
+        default=2.0,
+        help="working set of the read-bandwidth measurement behind the weight floor column (0: skip it)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     return parser
 
@@ -340,9 +376,20 @@ def main(argv=None, prog=None) -> int:
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
+    bandwidth = measured_bandwidth(args.threads, args.bandwidth_gib) if args.bandwidth_gib > 0 else None
     rows = run_all(args)
-    write_results(rows, args)
+    write_results(rows, args, bandwidth)
     return 0
+
+
+def measured_bandwidth(threads: int, working_set_gib: float) -> float:
+    """Read bandwidth in GB/s with the runs' thread count: bench_kernels' fp32 sum over a rotating working set."""
+    import torch
+
+    from .bench_kernels import read_bandwidth
+
+    torch.set_num_threads(threads)
+    return read_bandwidth(working_set_gib, 3) / 1e9
 
 
 def run_all(args) -> list[dict]:
@@ -373,7 +420,7 @@ def run_all(args) -> list[dict]:
     return rows
 
 
-def write_results(rows: list[dict], args) -> None:
+def write_results(rows: list[dict], args, bandwidth_gbps: float | None = None) -> None:
     from ..kernels import cpu_paths
 
     out = Path(args.out)
@@ -386,16 +433,24 @@ def write_results(rows: list[dict], args) -> None:
         "threads": args.threads,
         "layers_of_8b_shaped": args.layers,
         "new_tokens": args.new_tokens,
+        "read_bandwidth_gbps": bandwidth_gbps,
     }
     (out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     header = (
         f"CPU: {meta['cpu']}; kernel path {meta['kernel_path']}; {args.threads} threads, "
         "each configuration in a fresh process; "
-        f"Llama-3-8B-shaped model with {args.layers} layers; {args.new_tokens} new tokens per run. {meta['peer']}\n\n"
+        f"Llama-3-8B-shaped model with {args.layers} layers; {args.new_tokens} new tokens per run. {meta['peer']}\n"
+        + (
+            f"Weight floor: the weights a decode step reads over the measured read bandwidth, {bandwidth_gbps:.1f} "
+            "GB/s.\n\n"
+            if bandwidth_gbps
+            else "\n"
+        )
     )
-    (out / "bench.md").write_text(header + markdown(rows))
+    table = markdown(rows, bandwidth_gbps)
+    (out / "bench.md").write_text(header + table)
     plot(rows, out / "bench.png")
-    print(header + markdown(rows))
+    print(header + table)
 
 
 if __name__ == "__main__":

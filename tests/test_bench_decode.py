@@ -11,6 +11,7 @@ def test_bench_decode_writes_json_table_and_plot(tmp_path, tiny_model_dir):
     runtimes = ["stock bf16", "sparamx 50% int8", "sparamx 50% int8, KV 50%/50%"]
     args = ["--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache"), "--models", str(tiny_model_dir)]
     args += ["--runtimes", *runtimes, "--batches", "2", "--prompts", "8", "--new-tokens", "3", "--threads", "1"]
+    args += ["--bandwidth-gib", "0.25"]
     assert main(args) == 0
     data = json.loads((tmp_path / "out" / "bench.json").read_text())
     assert [r.get("error") for r in data["rows"]] == [None] * 6
@@ -19,8 +20,10 @@ def test_bench_decode_writes_json_table_and_plot(tmp_path, tiny_model_dir):
         assert row["prefill_ms"] > 0 and row["decode_ms_per_token"] > 0 and row["peak_rss_mb"] > 0
         assert row["tokens_per_s"] == pytest.approx(row["batch"] * 1e3 / row["decode_ms_per_token"])
         assert (row["artifact"] is None) == row["runtime"].startswith("stock")
+        assert row["weight_mb"] > 0
     table = (tmp_path / "out" / "bench.md").read_text()
-    assert "| sparamx 50% int8 | 2 | 8 |" in table and "× stock bf16" in table
+    assert "| sparamx 50% int8 | 2 | 8 |" in table and "× stock bf16" in table and "weight floor ms" in table
+    assert data["meta"]["read_bandwidth_gbps"] > 0
     assert (tmp_path / "out" / "bench.png").read_bytes()[:4] == b"\x89PNG"
     manifest = json.loads(
         (tmp_path / "cache" / f"{tiny_model_dir.name}-magnitude-50-int8" / "sparamx.json").read_text()
