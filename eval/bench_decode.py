@@ -243,7 +243,7 @@ def time_generate(spec: dict) -> tuple[float, list[float], int]:
                 prompt,
                 attention_mask=torch.ones_like(prompt),
                 max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
+                eos_token_id=None,  # no EOS check, as the llama.cpp peer's loop: every run makes new_tokens tokens
                 do_sample=False,
                 logits_processor=LogitsProcessorList([stamps]),
                 pad_token_id=0,

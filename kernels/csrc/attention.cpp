@@ -145,7 +145,7 @@ void merge_partials(const at::Tensor& m, const at::Tensor& l, const at::Tensor& 
   const float* mp = m.const_data_ptr<float>();
   const float* lp = l.const_data_ptr<float>();
   const float* ap = acc.const_data_ptr<float>();
-  at::parallel_for(0, m.size(0) / S, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, m.size(0) / S, 16, [&](int64_t b0, int64_t b1) {  // a few heads' merge: no thread wake-up
     for (int64_t bh = b0; bh < b1; ++bh)
       for (int64_t i = 0; i < G; ++i) {
         float top = -std::numeric_limits<float>::infinity();
