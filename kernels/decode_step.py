@@ -59,7 +59,9 @@ def _layer_args(index: int, layer) -> tuple[list[Tensor | None], list[int]]:
 
 
 class DecodeStep:
-    """A model's decode step: per decoder layer the arguments of its decode_layer op, built once at load."""
+    """A model's decode step: per decoder layer the arguments of its decode_layer op, built once at load and held by
+    a DecoderStack. It keeps the weights it was built with: a model changed after load (.to(), weights replaced)
+    needs a new DecodeStep, or model.sparamx_decode_step = None."""
 
     def __init__(self, model):
         config = model.config
@@ -77,6 +79,11 @@ class DecodeStep:
         }
         if len(eps) != 1:
             raise ModelError(f"the fused decode step needs one RMSNorm epsilon, this model has {sorted(eps)}")
+        norms = {n.weight.dtype for layer in layers for n in (layer.input_layernorm, layer.post_attention_layernorm)}
+        if norms != {dtype}:
+            raise ModelError(
+                f"the fused decode step needs {dtype} norm weights, as the model's; got {sorted(map(str, norms))}"
+            )
         attention = layers[0].self_attn
         self.eps, self.scale = eps.pop(), attention.scaling
         self.heads = (config.num_attention_heads, config.num_key_value_heads, attention.head_dim)
