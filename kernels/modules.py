@@ -130,6 +130,8 @@ def fuse_rows(linears: list[_PackedLinear]) -> _PackedLinear | None:
     bias = torch.cat([lin.bias for lin in linears]) if first.bias is not None else None
     n = sum(lin.out_features for lin in linears)
     fused = type(first)._from_packed(_cat_packed(linears), n, first.in_features, bias, scale)
+    if isinstance(fused, SparseLinear):
+        fused.nnz = sum(lin.nnz for lin in linears)
     rows = blocks = values = 0
     for lin in linears:
         nb = -(-lin.out_features // per_block)

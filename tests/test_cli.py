@@ -81,6 +81,15 @@ def test_generate_prints_a_completion_and_speed(artifact):
     assert "<|im_start|>" not in chat.stdout and "4 tokens" in chat.stderr
 
 
+def test_fused_decode_asked_for_where_it_cannot_run_is_refused_before_any_work(artifact):
+    from sparamx.pipeline.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="fused_decode=True: it runs on the sparamx KV cache, and kv_cache=False"):
+        sparamx.load(artifact, kv_cache=False, fused_decode=True)
+    with pytest.raises(RecipeError, match="fused_decode=True: it runs our kernels"):
+        sparamx.load(artifact, kernels=False, fused_decode=True)
+
+
 def test_generate_with_a_sparse_kv_cache(artifact):
     result = run_cli(
         "generate", str(artifact), "--prompt", "Hello", "--max-new-tokens", "4", "--kv-sparsity", "0.5,0.5"

@@ -1,12 +1,12 @@
 // One Llama decoder layer for one new token per sequence, in one op call: RMSNorm, q/k/v, RoPE, the token's K/V
-// written into the layer's cache, decode attention over the cache, o_proj and the residual, RMSNorm, gate/up, SiLU * up,
-// down_proj and the residual. The linears and the attention are our ops' C++ functions, called directly; between them
-// every step rounds as transformers' LlamaDecoderLayer does in the model's dtype (the same ops, or loops that round
-// each product and sum to that dtype as torch does), so the step gives the same numbers as the module-by-module path:
-// what it removes is the ~100 Python module calls and aten ops around the kernels of every layer and token.
-// Ordered by the weights list: the layer's two norms, then each linear as six slots (values, masks, block_offsets,
-// row_sums, weight_scale, bias; masks null for dense weights) in the order q/k/v (one fused linear, or three), o,
-// gate/up (one fused linear, or two), down.
+// written into the layer's cache, decode attention over the cache, o_proj and the residual, RMSNorm, gate/up,
+// SiLU * up, down_proj and the residual. The linears and the attention are our ops' C++ functions, called directly;
+// between them every step rounds as transformers' LlamaDecoderLayer does in the model's dtype (the same ops, or loops
+// that round each product and sum to that dtype as torch does), so the step gives the same numbers as the
+// module-by-module path: what it removes is the ~100 Python module calls and aten ops around the kernels of every
+// layer and token. Ordered by the weights list: the layer's two norms, then each linear as six slots (values, masks,
+// block_offsets, row_sums, weight_scale, bias; masks null for dense weights) in the order q/k/v (one fused linear, or
+// three), o, gate/up (one fused linear, or two), down.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -57,10 +57,11 @@ LayerWeights parse_weights(const c10::List<std::optional<at::Tensor>>& weights, 
               kOp, ": ", L, " linears need ", 2 + 2 * L, " shapes and ", 2 + kSlots * L, " weight slots, got ",
               shapes.size(), " and ", weights.size());
   const std::vector<std::optional<at::Tensor>> slots = weights.vec();
-  LayerWeights w{{Hq, Hkv, D}, required(slots, 0, "input norm"), required(slots, 1, "post-attention norm"), {}, {}, {}, {}};
+  LayerWeights w{{Hq, Hkv, D}, required(slots, 0, "input norm"), required(slots, 1, "post-attention norm")};
   for (const at::Tensor* norm : {&w.input_norm, &w.post_norm}) {
-    TORCH_CHECK(norm->dim() == 1 && norm->size(0) == Hd && norm->scalar_type() == dtype && norm->is_contiguous(), kOp,
-                ": norm weights must be contiguous ", dtype, " [", Hd, "], got ", norm->scalar_type(), " ", norm->sizes());
+    TORCH_CHECK(norm->dim() == 1 && norm->size(0) == Hd && norm->scalar_type() == dtype && norm->is_contiguous(),
+                kOp, ": norm weights must be contiguous ", dtype, " [", Hd, "], got ", norm->scalar_type(), " ",
+                norm->sizes());
   }
   for (int64_t i = 0; i < L; ++i) {
     const size_t s = 2 + kSlots * i;
@@ -109,14 +110,16 @@ at::Tensor rms_norm(const at::Tensor& h, const at::Tensor& weight, double eps) {
   return out;
 }
 
-// a + b, or silu_a * b, element by element in T, each result rounded to T as torch's op rounds it.
+// a + b element by element in T, each sum rounded to T as torch's add rounds it (the residual connections).
 template <typename T>
-at::Tensor add(const at::Tensor& a, const at::Tensor& b) {
+at::Tensor residual_add(const at::Tensor& a, const at::Tensor& b) {
   at::Tensor out = at::empty(a.sizes(), a.options());
   const T* ap = a.const_data_ptr<T>();
   const T* bp = b.const_data_ptr<T>();
   T* op = out.data_ptr<T>();
-  for (int64_t i = 0; i < out.numel(); ++i) op[i] = static_cast<T>(static_cast<float>(ap[i]) + static_cast<float>(bp[i]));
+  for (int64_t i = 0; i < out.numel(); ++i) {
+    op[i] = static_cast<T>(static_cast<float>(ap[i]) + static_cast<float>(bp[i]));
+  }
   return out;
 }
 
@@ -129,7 +132,9 @@ at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) {
   const T* ap = act.const_data_ptr<T>();
   const T* up_ = u.const_data_ptr<T>();
   T* op = out.data_ptr<T>();
-  for (int64_t i = 0; i < out.numel(); ++i) op[i] = static_cast<T>(static_cast<float>(ap[i]) * static_cast<float>(up_[i]));
+  for (int64_t i = 0; i < out.numel(); ++i) {
+    op[i] = static_cast<T>(static_cast<float>(ap[i]) * static_cast<float>(up_[i]));
+  }
   return out;
 }
 
@@ -194,7 +199,7 @@ at::Tensor layer_step(const at::Tensor& hidden, const at::Tensor& cos, const at:
   rope_and_append<T>(q, k, v, cos, sin, q_rot, kv.k_tail, kv.v_tail, tail);
   const at::Tensor attn = decode_attention(q_rot, kv.k_values, kv.k_masks, kv.k_tail, kv.v_values, kv.v_masks,
                                            kv.v_tail, packed, tail + 1, valid, scale, isa);
-  const at::Tensor h = add<T>(hidden, w.o[0](attn.view({B, Hq * D}), isa));
+  const at::Tensor h = residual_add<T>(hidden, w.o[0](attn.view({B, Hq * D}), isa));
 
   const at::Tensor y = rms_norm<T>(h, w.post_norm, eps);
   const int64_t I = w.down[0].K;
@@ -205,7 +210,7 @@ at::Tensor layer_step(const at::Tensor& hidden, const at::Tensor& cos, const at:
   } else {
     act = silu_mul<T>(w.gate_up[0](y, isa), w.gate_up[1](y, isa));
   }
-  return add<T>(h, w.down[0](act, isa));
+  return residual_add<T>(h, w.down[0](act, isa));
 }
 
 void check_inputs(const at::Tensor& hidden, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_tail,
@@ -288,10 +293,11 @@ class DecoderStack : public torch::CustomClassHolder {
       at::Tensor* c = kv.data() + 6 * i;
       check_inputs(hidden, cos, sin, c[2], c[5], heads_[1], heads_[2], tails[i]);
       const Cache cache{c[0], c[1], c[2], c[3], c[4], c[5]};
+      const LayerWeights& w = layers_[i];
       hidden = dtype_ == at::kFloat
-                   ? layer_step<float>(hidden, cos, sin, layers_[i], eps_, cache, packed[i], tails[i], valid, scale_, isa)
-                   : layer_step<c10::BFloat16>(hidden, cos, sin, layers_[i], eps_, cache, packed[i], tails[i], valid,
-                                               scale_, isa);
+                   ? layer_step<float>(hidden, cos, sin, w, eps_, cache, packed[i], tails[i], valid, scale_, isa)
+                   : layer_step<c10::BFloat16>(hidden, cos, sin, w, eps_, cache, packed[i], tails[i], valid, scale_,
+                                               isa);
     }
     return hidden;
   }

@@ -398,7 +398,7 @@ at::Tensor run_linear(const at::Tensor& x, const Weights& w, const std::optional
 
 }  // namespace
 
-// fp32 `result` in `dtype` (fp32 or bf16): bf16 rounded to nearest even as Tensor.to rounds, in one loop (no TensorIterator).
+// fp32 `result` in `dtype` (fp32 or bf16): bf16 rounded to nearest even as Tensor.to rounds, in one loop.
 at::Tensor to_dtype(const at::Tensor& result, at::ScalarType dtype) {
   const at::Tensor y = result.contiguous();
   if (dtype == at::kFloat) return y;

@@ -140,6 +140,7 @@ def test_fuse_rows_computes_each_linears_rows_and_holds_no_weight_twice(kind):
     before = [lin(x) for lin in linears]
     fused = fuse_rows(linears)
     assert torch.equal(fused(x), torch.cat(before, dim=1))
+    assert f"out_features={48 + 16 + 18}" in repr(fused)
     assert all(torch.equal(lin(x), y) for lin, y in zip(linears, before, strict=True))
     storage = fused.values.untyped_storage().data_ptr()
     assert all(lin.values.untyped_storage().data_ptr() == storage for lin in linears)
