@@ -79,10 +79,9 @@ class SparseKVLayer(CacheLayerMixin):
         the new K/V, marked for the sparamx attention function, which reads the whole cache through the op."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self._fold()
         new = key_states.shape[-2]
+        self._make_room(new)
         for stream, states in ((self.k, key_states), (self.v, value_states)):
-            stream.tail = _room(stream.tail, self.tail + new)
             stream.tail[:, :, self.tail : self.tail + new] = states
         self.tail += new
         if new > 1:
@@ -91,12 +90,16 @@ class SparseKVLayer(CacheLayerMixin):
         return key_states, value_states
 
     def reserve_token(self) -> tuple:
-        """Fold, then make room for one more token in the tails (the fused decode step writes it there): -> the
-        buffers and counts ops.decode_layer takes. The caller counts the token in (self.tail += 1) once written."""
+        """Room for one more token, which the fused decode step writes: -> the buffers and counts a layer's
+        decode_layer step takes. The caller counts the token in (self.tail += 1) once written."""
+        self._make_room(1)
+        return (*self.k.buffers, *self.v.buffers, self.packed, self.tail)
+
+    def _make_room(self, new: int) -> None:
+        """Fold, then make the tails hold `new` more tokens."""
         self._fold()
         for stream in (self.k, self.v):
-            stream.tail = _room(stream.tail, self.tail + 1)
-        return (*self.k.buffers, *self.v.buffers, self.packed, self.tail)
+            stream.tail = _room(stream.tail, self.tail + new)
 
     def _fold(self) -> None:
         """Prune and pack all but the `recent` newest tokens, once at least `block` of them wait in the tail."""

@@ -76,25 +76,6 @@ def decode_attention(
     return torch.ops.sparamx.decode_attention.default(q, *k, *v, packed, tail, valid, scale, isa())
 
 
-def decode_layer(
-    hidden: Tensor,
-    cos: Tensor,
-    sin: Tensor,
-    weights: list[Tensor | None],
-    shapes: list[int],
-    heads: tuple[int, int, int],
-    eps: float,
-    kv: tuple,
-    valid: Tensor | None,
-    scale: float,
-) -> Tensor:
-    """One Llama decoder layer for one new token per sequence (hidden [B, hidden]); kv is (k_values, k_masks, k_tail,
-    v_values, v_masks, v_tail, packed, tail) as kernels/kv_cache.py keeps a layer, the token written at `tail`."""
-    return torch.ops.sparamx.decode_layer.default(
-        hidden, cos, sin, weights, shapes, list(heads), eps, *kv, valid, scale, isa()
-    )
-
-
 @functools.cache
 def packed_layout() -> tuple[int, int, int]:
     """(output rows per block, bf16 columns per chunk, int8 columns per chunk) of the prepacked layout

@@ -176,6 +176,13 @@ at::Tensor widen_x(const at::Tensor& x2d, int64_t Kp, int64_t C, bool split_pair
   return out;
 }
 
+// dst[i] = src[i] rounded to bf16, to nearest even as Tensor.to rounds (threads only for long runs).
+void round_to_bf16(const float* src, c10::BFloat16* dst, int64_t n) {
+  at::parallel_for(0, n, 1 << 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) dst[i] = c10::BFloat16(src[i]);
+  });
+}
+
 // Up to this many rows of x (decode), the AVX-512 and AVX2 paths keep their temporaries in per-thread scratch: the
 // call then allocates only its output. Bounded so that scratch stays small (y of a 128k-vocabulary head: 2 MiB).
 constexpr int64_t kScratchRows = 4;
@@ -334,10 +341,7 @@ at::Tensor small_linear(const char* op, KernelPath path, const at::Tensor& x2d, 
   at::Tensor out = at::empty(out_shape, x2d.options());
   p.y = dtype == at::kFloat ? out.data_ptr<float>() : reinterpret_cast<float*>(scratch(2, M * p.N * 4));
   run_blocks(op, p, NB, path == KernelPath::kAvx512 ? &avx512_blocks : &avx2_blocks);
-  if (dtype != at::kFloat) {
-    c10::BFloat16* dst = out.data_ptr<c10::BFloat16>();
-    for (int64_t i = 0; i < M * p.N; ++i) dst[i] = c10::BFloat16(p.y[i]);
-  }
+  if (dtype != at::kFloat) round_to_bf16(p.y, out.data_ptr<c10::BFloat16>(), M * p.N);
   return out;
 }
 
@@ -403,12 +407,7 @@ at::Tensor to_dtype(const at::Tensor& result, at::ScalarType dtype) {
   const at::Tensor y = result.contiguous();
   if (dtype == at::kFloat) return y;
   at::Tensor out = at::empty(y.sizes(), y.options().dtype(dtype));
-  const float* src = y.const_data_ptr<float>();
-  c10::BFloat16* dst = out.data_ptr<c10::BFloat16>();
-  const int64_t n = y.numel();
-  at::parallel_for(0, n, 1 << 16, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) dst[i] = c10::BFloat16(src[i]);
-  });
+  round_to_bf16(y.const_data_ptr<float>(), out.data_ptr<c10::BFloat16>(), y.numel());
   return out;
 }
 
