@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from . import ct_checkpoint
 from .artifact_format import FORMAT, MANIFEST, PACKED_KEYS, VERSION, sha256_file
 from .errors import ArtifactError
 from .quantize import dequantize
@@ -20,8 +21,10 @@ def read_manifest(path: str | Path) -> dict:
     file = path / MANIFEST
     if not path.is_dir():
         raise ArtifactError(f"{path}: artifact directory not found")
+    if not file.is_file() and ct_checkpoint.is_checkpoint(path):
+        return ct_checkpoint.read_checkpoint_manifest(path)
     if not file.is_file():
-        raise ArtifactError(f"{path}: not a sparamx artifact (no {MANIFEST})")
+        raise ArtifactError(f"{path}: neither a sparamx artifact (no {MANIFEST}) nor a compressed-tensors checkpoint")
     try:
         manifest = json.loads(file.read_text())
     except json.JSONDecodeError as exc:
@@ -39,14 +42,16 @@ def read_manifest(path: str | Path) -> dict:
 
 
 def read_tensors(path: str | Path, manifest: dict, verify: bool = True) -> dict[str, tuple[str, torch.Tensor]]:
-    """All stored tensors as name -> (file name, tensor); checks each file's sha256 first when `verify`."""
+    """All stored tensors as name -> (file name, tensor), in our artifact's layout (a compressed-tensors checkpoint's
+    are converted); checks each file's sha256 first when `verify` and the manifest has them."""
     path = Path(path)
     tensors: dict[str, tuple[str, torch.Tensor]] = {}
+    foreign = manifest.get("source_format") == ct_checkpoint.SOURCE_FORMAT
     for filename, info in manifest["files"].items():
         file = path / filename
         if not file.is_file():
-            raise ArtifactError(f"{file}: listed in {MANIFEST} but missing")
-        if verify and sha256_file(file) != info.get("sha256"):
+            raise ArtifactError(f"{file}: listed in {ct_checkpoint.INDEX if foreign else MANIFEST} but missing")
+        if verify and not foreign and sha256_file(file) != info.get("sha256"):
             raise ArtifactError(f"{file}: sha256 does not match {MANIFEST} (truncated or modified file)")
         try:
             with safe_open(file, framework="pt") as fh:
@@ -54,7 +59,7 @@ def read_tensors(path: str | Path, manifest: dict, verify: bool = True) -> dict[
                     tensors[name] = (filename, fh.get_tensor(name))
         except (SafetensorError, OSError, ValueError) as exc:
             raise ArtifactError(f"{file}: corrupt safetensors file ({exc})") from exc
-    return tensors
+    return ct_checkpoint.as_artifact_tensors(tensors, manifest) if foreign else tensors
 
 
 def packed_prefixes(tensors: dict) -> list[str]:

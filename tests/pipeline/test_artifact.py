@@ -203,7 +203,7 @@ def test_unknown_major_version(copy_of, version, message):
 
 
 def test_not_an_artifact(tmp_path):
-    with pytest.raises(ArtifactError, match="not a sparamx artifact"):
+    with pytest.raises(ArtifactError, match="neither a sparamx artifact"):
         sparamx.load(tmp_path)
     with pytest.raises(ArtifactError, match="artifact directory not found"):
         sparamx.load(tmp_path / "absent")
