@@ -208,7 +208,8 @@ def run_eval(
     failures = gate_failures(rows, plan.gated, plan.threshold) if dense else []
     report = eval_report(path, source, recipe, plan, rows, dense_results, results, failures)
     report["seconds"] = round(time.perf_counter() - start, 1)
-    update_manifest(path, eval=report)
+    if not manifest.get("source_format"):  # a compressed-tensors checkpoint is not ours to write into
+        update_manifest(path, eval=report)
     if out:
         stem = Path(out) / f"eval-{path.name}"
         write_text_atomic(stem.with_suffix(".json"), json.dumps(report, indent=2) + "\n")

@@ -35,7 +35,8 @@ def load(
     kv_cache: bool | None = None,
     fused_decode: bool | None = None,
 ):
-    """Load the artifact at `path` -> (model, tokenizer).
+    """Load the artifact at `path` -> (model, tokenizer). `path` may also be a compressed-tensors checkpoint
+    (pipeline/ct_checkpoint.py has what runs), or a hub id of one.
 
     kernels=True: every decoder linear runs on our kernels: bitmap ones as SparseLinear (weights stay packed), dense
     ones and lm_head as DenseLinear; int8 ones on the int8 kernels. Embeddings stay a torch module.
@@ -55,7 +56,7 @@ def load(
     """
     from transformers import AutoTokenizer
 
-    path = Path(path)
+    path = _local_directory(path)
     manifest = read_manifest(path)
     kernels = _use_kernels(path) if kernels is None else kernels
     fused = _fused_decode(path, fused_decode, kernels, kv_cache)
@@ -74,6 +75,24 @@ def load(
     if getattr(model, "sparamx_decode_step", None) is not None:
         model.sparamx_runtime += ", fused decode step"
     return model, AutoTokenizer.from_pretrained(path)
+
+
+def _local_directory(path: str | Path) -> Path:
+    """`path` itself, or for a hub id (org/name) that is no local directory, its snapshot (config, tokenizer and
+    safetensors files only), downloaded once into the hub cache."""
+    local = Path(path).expanduser()
+    spec = str(path)
+    if local.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        return local
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+    try:
+        return Path(snapshot_download(spec, allow_patterns=patterns))
+    except Exception as exc:  # offline and not cached, unknown or gated repo: all say why in their first line
+        raise ArtifactError(
+            f"{spec}: no such directory, and the hub cannot give it ({str(exc).splitlines()[0]})"
+        ) from exc
 
 
 def _kv_settings(path: Path, manifest: dict, sparsity, wanted: bool | None) -> KVConfig | None:

@@ -57,7 +57,7 @@ def read_checkpoint_manifest(path: Path) -> dict:
             "ignore": list(quant.get("ignore") or []),
             "sparsity": sparsity,
         },
-        "source_model": {"name": str(path), "kind": SOURCE_FORMAT, "location": str(path)},
+        "source_model": {"name": str(path), "kind": "artifact", "location": str(path.resolve())},
         "recipe": None,
         "layers": [],
         "lm_head": None,
@@ -130,7 +130,10 @@ def _files(path: Path) -> dict[str, dict]:
         names = ["model.safetensors"]
     else:
         raise ArtifactError(f"{path}: no model.safetensors or {INDEX} (compressed-tensors checkpoints are safetensors)")
-    return {name: {} for name in names}
+    missing = [name for name in names if not (path / name).is_file()]
+    if missing:
+        raise ArtifactError(f"{path / missing[0]}: listed in {INDEX} but missing")
+    return {name: {"bytes": (path / name).stat().st_size} for name in names}
 
 
 def as_artifact_tensors(tensors: dict, manifest: dict) -> dict:

@@ -1,5 +1,6 @@
-"""Model resolution: alias | hub id | local directory | .gguf path | sparamx artifact -> a loadable source, checked
-before any work. An artifact as the source lets later stages run on an earlier result (quantize a pruned artifact)."""
+"""Model resolution: alias | hub id | local directory | .gguf path | sparamx artifact | compressed-tensors checkpoint ->
+a loadable source, checked before any work. An artifact as the source lets later stages run on an earlier result
+(quantize a pruned artifact); a compressed-tensors checkpoint is read the same way (its weights decompressed)."""
 
 import importlib.util
 import os
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from .ct_checkpoint import is_checkpoint
 from .errors import ModelError
 from .gguf_cache import converted_directory
 
@@ -64,7 +66,7 @@ def resolve_model(spec: str | None) -> ModelSource:
             raise ModelError(f"{path}: GGUF file not found")
         return ModelSource(spec, "gguf", str(path.resolve().parent), path.name)
     if path.is_dir():
-        if (path / "sparamx.json").is_file():
+        if (path / "sparamx.json").is_file() or is_checkpoint(path):  # read (unpacked, dequantized) by our reader
             return ModelSource(spec, "artifact", str(path.resolve()))
         if not (path / "config.json").is_file():
             raise ModelError(f"{path}: not a model directory (no config.json); pass a hub id, a .gguf or an alias")

@@ -259,3 +259,32 @@ def test_smollm2_w8a8_by_compressed_tensors_continues_a_prompt_token_for_token(s
     _, theirs, ours, tokenizer = smollm2_w8a8
     answers = [greedy(m, tokenizer, "The capital of France is", 8) for m in (theirs, ours)]
     assert torch.equal(*answers), [tokenizer.decode(a) for a in answers]
+
+
+def test_a_checkpoint_is_a_source_for_our_stages_and_the_cli(checkpoints, tmp_path, monkeypatch, capsys):
+    """`sparamx prune --model <checkpoint>` (INT8 on top of a 2:4 model keeps its zeros), `sparamx inspect` and
+    `sparamx eval` (its own decompressed weights as the dense reference; nothing written into the checkpoint)."""
+    from sparamx.cli import main
+
+    out = tmp_path / "2of4-int8"
+    assert main(["prune", "--model", str(checkpoints["2of4"]), "--recipe", "int8", "--out", str(out), "--quiet"]) == 0
+    layers = json.loads((out / "sparamx.json").read_text())["layers"]
+    assert {(r["kind"], r["dtype"]) for r in layers} == {("bitmap", "int8")}
+    assert all(abs(r["sparsity"] - 0.5) < 1e-9 for r in layers)
+    capsys.readouterr()
+    assert main(["inspect", str(checkpoints["2of4-w8a8"])]) == 0
+    table = capsys.readouterr().out
+    assert "model.layers.1.mlp.up_proj" in table and "bitmap" in table and "compressed-tensors" in table
+    monkeypatch.setenv("SPARAMX_CACHE", str(tmp_path / "cache"))
+    before = sorted(p.name for p in checkpoints["w8a8"].iterdir())
+    args = ["eval", str(checkpoints["w8a8"]), "--tasks", "piqa_local", "--limit", "4", "--threshold", "0.01"]
+    assert main([*args, "--out", str(tmp_path / "results")]) == 0
+    report = json.loads((tmp_path / "results" / "eval-w8a8.json").read_text())
+    assert {row["task"] for row in report["rows"]} == {"piqa_local"} and report["rows"][0]["dense"] is not None
+    assert sorted(p.name for p in checkpoints["w8a8"].iterdir()) == before
+
+
+def test_a_hub_id_the_machine_cannot_reach_is_one_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ArtifactError, match="RedHatAI/Sparse-Llama-3.1-8B-2of4: no such directory, and the hub"):
+        sparamx.load("RedHatAI/Sparse-Llama-3.1-8B-2of4")
