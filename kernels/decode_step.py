@@ -54,7 +54,7 @@ def _layer_args(index: int, layer) -> tuple[list[Tensor | None], list[int]]:
     shapes = [len(qkv), len(gate_up)]
     for linear in (*qkv, layer.self_attn.o_proj, *gate_up, layer.mlp.down_proj):
         weights += _slots(linear)
-        shapes += [linear.out_features, linear.in_features]
+        shapes += [linear.out_features, linear.in_features, int(linear.x_symmetric)]
     return weights, shapes
 
 

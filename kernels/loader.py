@@ -63,6 +63,7 @@ def load(
     kv = _kv_settings(path, manifest, kv_sparsity, True if fused else kv_cache)
     if kernels:
         model = _kernel_model(path, manifest, dtype, verify)
+        _quantize_activations_as_stored(model, manifest)
     else:
         model = dense_model(path, manifest, dtype, ops.bitmap_unpack, verify=verify)
     model.eval()
@@ -164,6 +165,15 @@ def _kernel_model(path: Path, manifest: dict, dtype: torch.dtype, verify: bool):
     assign_state(model, config, path, state, swapped, dtype)
     _swap_dense(model)
     return model
+
+
+def _quantize_activations_as_stored(model, manifest: dict) -> None:
+    """A compressed-tensors checkpoint whose int8 activations are symmetric: so our int8 linears quantize them (our
+    own artifacts, and asymmetric schemes, take the zero point)."""
+    if (manifest.get("compressed_tensors") or {}).get("activations") == "symmetric":
+        for module in model.modules():
+            if isinstance(module, (SparseLinear, DenseLinear)) and module.int8:
+                module.x_symmetric = True
 
 
 def _swap_packed(model, config, path: Path, tensors: dict, state: dict) -> set[str]:

@@ -24,6 +24,9 @@ def _check_scale(values_dtype: torch.dtype, weight_scale: Tensor | None, out_fea
 
 
 class _PackedLinear(torch.nn.Module):
+    # int8 weights: x quantized per row symmetrically (compressed-tensors' int8 scheme), not with a zero point
+    x_symmetric = False
+
     def _register(self, names, tensors, bias, weight_scale):
         for name, tensor in zip(names, tensors, strict=True):
             self.register_buffer(name, tensor, persistent=False)
@@ -80,7 +83,8 @@ class SparseLinear(_PackedLinear):
         return cls(*ops.bitmap_pack(linear.weight.detach().to(torch.bfloat16)), linear.in_features, bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return ops.bitmap_linear(x, self.packed, self.out_features, self.in_features, self.weight_scale, self.bias)
+        args = (self.out_features, self.in_features, self.weight_scale, self.bias, self.x_symmetric)
+        return ops.bitmap_linear(x, self.packed, *args)
 
     @property
     def packed(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -107,7 +111,8 @@ class DenseLinear(_PackedLinear):
         return cls(linear.weight.detach().to(torch.bfloat16), bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return ops.dense_linear(x, self.packed, self.out_features, self.in_features, self.weight_scale, self.bias)
+        args = (self.out_features, self.in_features, self.weight_scale, self.bias, self.x_symmetric)
+        return ops.dense_linear(x, self.packed, *args)
 
     @property
     def packed(self) -> tuple[Tensor, Tensor]:
@@ -123,6 +128,7 @@ def fuse_rows(linears: list[_PackedLinear]) -> _PackedLinear | None:
     if (
         any(type(lin) is not type(first) or lin.in_features != first.in_features for lin in linears)
         or any(lin.values.dtype != first.values.dtype or (lin.bias is None) != (first.bias is None) for lin in linears)
+        or any(lin.x_symmetric != first.x_symmetric for lin in linears)
         or any(lin.out_features % per_block for lin in linears[:-1])
     ):
         return None
@@ -130,6 +136,7 @@ def fuse_rows(linears: list[_PackedLinear]) -> _PackedLinear | None:
     bias = torch.cat([lin.bias for lin in linears]) if first.bias is not None else None
     n = sum(lin.out_features for lin in linears)
     fused = type(first)._from_packed(_cat_packed(linears), n, first.in_features, bias, scale)
+    fused.x_symmetric = first.x_symmetric
     if isinstance(fused, SparseLinear):
         fused.nnz = sum(lin.nnz for lin in linears)
     rows = blocks = values = 0

@@ -44,9 +44,12 @@ def bitmap_linear(
     in_features: int,
     weight_scale: Tensor | None = None,
     bias: Tensor | None = None,
+    x_symmetric: bool = False,
 ) -> Tensor:
-    """y = x @ W^T (+ bias), W given by bitmap_prepack's tensors (bf16, or int8 with weight_scale); y has x's dtype."""
-    return torch.ops.sparamx.bitmap_linear.default(x, *packed, out_features, in_features, weight_scale, bias, isa())
+    """y = x @ W^T (+ bias), W given by bitmap_prepack's tensors (bf16, or int8 with weight_scale, x then quantized
+    per row: with a zero point, or symmetric with x_symmetric); y has x's dtype."""
+    args = (out_features, in_features, weight_scale, bias, isa(), x_symmetric)
+    return torch.ops.sparamx.bitmap_linear.default(x, *packed, *args)
 
 
 def dense_linear(
@@ -56,9 +59,12 @@ def dense_linear(
     in_features: int,
     weight_scale: Tensor | None = None,
     bias: Tensor | None = None,
+    x_symmetric: bool = False,
 ) -> Tensor:
-    """y = x @ W^T (+ bias), W given by dense_prepack's tensors (bf16, or int8 with weight_scale)."""
-    return torch.ops.sparamx.dense_linear.default(x, *packed, out_features, in_features, weight_scale, bias, isa())
+    """y = x @ W^T (+ bias), W given by dense_prepack's tensors (bf16, or int8 with weight_scale; x_symmetric as
+    bitmap_linear's)."""
+    args = (out_features, in_features, weight_scale, bias, isa(), x_symmetric)
+    return torch.ops.sparamx.dense_linear.default(x, *packed, *args)
 
 
 def decode_attention(
@@ -92,12 +98,24 @@ def _blocks_and_chunks(rows: int, cols: int, dtype: torch.dtype) -> tuple[int, i
 
 
 @torch.library.register_fake("sparamx::bitmap_linear")
-def _(x, values, masks, block_offsets, row_sums, out_features, in_features, weight_scale=None, bias=None, isa="auto"):
+def _(
+    x,
+    values,
+    masks,
+    block_offsets,
+    row_sums,
+    out_features,
+    in_features,
+    weight_scale=None,
+    bias=None,
+    isa="auto",
+    x_symmetric=False,
+):
     return x.new_empty((*x.shape[:-1], out_features))
 
 
 @torch.library.register_fake("sparamx::dense_linear")
-def _(x, values, row_sums, out_features, in_features, weight_scale=None, bias=None, isa="auto"):
+def _(x, values, row_sums, out_features, in_features, weight_scale=None, bias=None, isa="auto", x_symmetric=False):
     return x.new_empty((*x.shape[:-1], out_features))
 
 

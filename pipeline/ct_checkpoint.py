@@ -3,8 +3,8 @@ config is checked against what our kernels run before any weight is read, and th
 own artifact holds (its format is compressed-tensors' sparse-bitmask), so the reader's checks and the loader run them
 unchanged. Supported, alone or stacked:
 - quantization `int-quantized`: int8 weights with channel-wise symmetric scales, activations int8 dynamic per token
-  (our int8 kernels; they quantize activations per token with a zero point, which is never less exact than the
-  checkpoint's symmetric scheme) or none (W8A16: dequantized to the dense bf16 kernel, with a warning);
+  (our int8 kernels, quantizing activations as the scheme says: symmetric, or with a zero point) or none (W8A16:
+  dequantized to the dense bf16 kernel, with a warning);
 - sparsity `sparse-bitmask` (our layout), and `dense` (zeros stored in place), packed at load where sparse enough.
 """
 
@@ -48,12 +48,18 @@ def read_checkpoint_manifest(path: Path) -> dict:
     quant = json.loads(config_file.read_text())["quantization_config"]
     where = f"{config_file}: quantization_config"
     schemes = _quantization_schemes(quant, where)
+    activations = sorted({s["activations"] for s in schemes.values()})
+    if len(activations) > 1:
+        raise ArtifactError(
+            f"{where}: config groups quantize activations differently ({', '.join(activations)}); "
+            f"supported: {SUPPORTED} with one activation scheme"
+        )
     sparsity = _sparsity_config(quant, where)
     return {
         "source_format": SOURCE_FORMAT,
         "compressed_tensors": {
             "version": quant.get("version"),
-            "int8_activations": sorted({s["activations"] for s in schemes.values()}),
+            "activations": activations[0] if activations else None,
             "ignore": list(quant.get("ignore") or []),
             "sparsity": sparsity,
         },
@@ -91,7 +97,7 @@ def _quantization_schemes(quant: dict, where: str) -> dict[str, dict]:
         acts_ok = a is None or (a.type, a.num_bits, a.strategy, a.dynamic) == ("int", 8, "token", True)
         if fmt not in QUANT_FORMATS or not weights_ok or not acts_ok or scheme.output_activations is not None:
             raise ArtifactError(f"{described} is not supported; supported: {SUPPORTED}")
-        out[name] = {"activations": "int8 per token" if a is not None else "none"}
+        out[name] = {"activations": "none" if a is None else "symmetric" if a.symmetric else "asymmetric"}
     return out
 
 
@@ -141,7 +147,7 @@ def as_artifact_tensors(tensors: dict, manifest: dict) -> dict:
     int8 values, int8 weights with float32 per-channel scales, every other tensor unchanged. Fills the manifest's
     `layers` (and `lm_head` when the head is int8)."""
     info = manifest["compressed_tensors"]
-    weights_only = "none" in info["int8_activations"]
+    weights_only = info["activations"] == "none"
     out = dict(tensors)
     records = []
     for prefix in sorted({n.rsplit(".", 1)[0] for n in tensors if n.rsplit(".", 1)[-1] in PACKED_KEYS}):

@@ -6,7 +6,7 @@
 // module-by-module path: what it removes is the ~100 Python module calls and aten ops around the kernels of every
 // layer and token. Ordered by the weights list: the layer's two norms, then each linear as six slots (values, masks,
 // block_offsets, row_sums, weight_scale, bias; masks null for dense weights) in the order q/k/v (one fused linear, or
-// three), o, gate/up (one fused linear, or two), down.
+// three), o, gate/up (one fused linear, or two), down; its shapes entry gives (out, in, x_symmetric) per linear.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -20,16 +20,20 @@ namespace sparamx {
 namespace {
 
 constexpr int64_t kSlots = 6;  // per linear: values, masks, block_offsets, row_sums, weight_scale, bias
+constexpr int64_t kShapes = 3;  // per linear: out, in, x_symmetric
 constexpr const char* kOp = "decode_layer";
 
 struct Linear {
   at::Tensor values, masks, block_offsets, row_sums;
   std::optional<at::Tensor> scale, bias;
   int64_t N, K;
+  bool x_symmetric;
 
   at::Tensor operator()(const at::Tensor& x, c10::string_view isa) const {
-    if (masks.defined()) return bitmap_linear(x, values, masks, block_offsets, row_sums, N, K, scale, bias, isa);
-    return dense_linear(x, values, row_sums, N, K, scale, bias, isa);
+    if (masks.defined()) {
+      return bitmap_linear(x, values, masks, block_offsets, row_sums, N, K, scale, bias, isa, x_symmetric);
+    }
+    return dense_linear(x, values, row_sums, N, K, scale, bias, isa, x_symmetric);
   }
 };
 
@@ -44,17 +48,18 @@ at::Tensor required(const std::vector<std::optional<at::Tensor>>& slots, size_t 
   return *slots[i];
 }
 
-// The weights list and its shapes ([n_qkv, n_gate_up, then (out, in) per linear]) as the layer's parts, with every
-// linear's shape checked against the heads and the hidden size (the linear ops check each tensor's own layout).
+// The weights list and its shapes ([n_qkv, n_gate_up, then (out, in, x_symmetric) per linear]) as the layer's parts,
+// with every linear's shape checked against the heads and the hidden size (the linear ops check each tensor's own
+// layout).
 LayerWeights parse_weights(const c10::List<std::optional<at::Tensor>>& weights, at::IntArrayRef shapes, int64_t Hd,
                            at::ScalarType dtype, int64_t Hq, int64_t Hkv, int64_t D) {
   TORCH_CHECK(shapes.size() >= 2, kOp, ": shapes must start with the q/k/v and gate/up linear counts");
   const int64_t n_qkv = shapes[0], n_gu = shapes[1], L = n_qkv + n_gu + 2;
   TORCH_CHECK((n_qkv == 1 || n_qkv == 3) && (n_gu == 1 || n_gu == 2), kOp,
               ": q/k/v come as 1 or 3 linears and gate/up as 1 or 2, got ", n_qkv, " and ", n_gu);
-  TORCH_CHECK(static_cast<int64_t>(shapes.size()) == 2 + 2 * L &&
+  TORCH_CHECK(static_cast<int64_t>(shapes.size()) == 2 + kShapes * L &&
                   static_cast<int64_t>(weights.size()) == 2 + kSlots * L,
-              kOp, ": ", L, " linears need ", 2 + 2 * L, " shapes and ", 2 + kSlots * L, " weight slots, got ",
+              kOp, ": ", L, " linears need ", 2 + kShapes * L, " shapes and ", 2 + kSlots * L, " weight slots, got ",
               shapes.size(), " and ", weights.size());
   const std::vector<std::optional<at::Tensor>> slots = weights.vec();
   LayerWeights w{{Hq, Hkv, D}, required(slots, 0, "input norm"), required(slots, 1, "post-attention norm")};
@@ -67,7 +72,8 @@ LayerWeights parse_weights(const c10::List<std::optional<at::Tensor>>& weights, 
     const size_t s = 2 + kSlots * i;
     auto get = [&](size_t j) { return slots[s + j].has_value() ? *slots[s + j] : at::Tensor(); };
     Linear lin{required(slots, s, "values"), get(1), get(2), required(slots, s + 3, "row_sums"),
-               slots[s + 4], slots[s + 5], shapes[2 + 2 * i], shapes[3 + 2 * i]};
+               slots[s + 4], slots[s + 5], shapes[2 + kShapes * i], shapes[3 + kShapes * i],
+               shapes[4 + kShapes * i] != 0};
     auto& group = i < n_qkv ? w.qkv : i == n_qkv ? w.o : i < L - 1 ? w.gate_up : w.down;
     group.push_back(std::move(lin));
   }

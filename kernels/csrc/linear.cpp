@@ -90,10 +90,13 @@ void run_blocks(const char* op, const Problem& p, int64_t NB, BlocksFn run) {
 // <= 255): adding and taking away 1.5 * 2^23 leaves t rounded, in two plain adds that vectorize.
 inline float round_even(float t) { return (t + 12582912.0f) - 12582912.0f; }
 
-// Per-row asymmetric uint8 quantization of x [M, K] (fp32 or bf16, read as it is) into a zero-padded [M, Kp] buffer;
-// writes scale and zero point. Rounding is to nearest even, as torch.round, so a Python reference reproduces it.
+// Per-row uint8 quantization of x [M, K] (fp32 or bf16, read as it is) into a zero-padded [M, Kp] buffer; writes
+// scale and zero point. Asymmetric: s = (max - min) / 255 and the zero point that maps 0 exactly. Symmetric (the
+// int8 scheme of compressed-tensors checkpoints): s = max|x| / 127.5, the int8 range [-128, 127] shifted by 128.
+// Rounding is to nearest even, as torch.round, so a Python reference reproduces it.
 template <typename T>
-bool quantize_rows(const T* xp, int64_t M, int64_t K, int64_t Kp, uint8_t* qp, float* sp, int32_t* zp) {
+bool quantize_rows(const T* xp, int64_t M, int64_t K, int64_t Kp, bool symmetric, uint8_t* qp, float* sp,
+                   int32_t* zp) {
   std::atomic<bool> finite{true};
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
@@ -109,9 +112,9 @@ bool quantize_rows(const T* xp, int64_t M, int64_t K, int64_t Kp, uint8_t* qp, f
         finite = false;
         continue;
       }
-      float s = (hi - lo) / 255.0f;
+      float s = symmetric ? std::max(-lo, hi) / 127.5f : (hi - lo) / 255.0f;
       if (s == 0.0f) s = 1.0f;
-      const float z = std::min(255.0f, std::max(0.0f, round_even(-lo / s)));
+      const float z = symmetric ? 128.0f : std::min(255.0f, std::max(0.0f, round_even(-lo / s)));
       uint8_t* q = qp + m * Kp;
       for (int64_t k = 0; k < K; ++k) {
         q[k] = static_cast<uint8_t>(std::min(255.0f, std::max(0.0f, round_even(static_cast<float>(row[k]) / s) + z)));
@@ -124,20 +127,20 @@ bool quantize_rows(const T* xp, int64_t M, int64_t K, int64_t Kp, uint8_t* qp, f
   return finite.load();
 }
 
-void quantize_x(const at::Tensor& x2d, int64_t Kp, uint8_t* qp, float* sp, int32_t* zp) {
+void quantize_x(const at::Tensor& x2d, int64_t Kp, bool symmetric, uint8_t* qp, float* sp, int32_t* zp) {
   const int64_t M = x2d.size(0), K = x2d.size(1);
   const bool finite = x2d.scalar_type() == at::kFloat
-                          ? quantize_rows(x2d.const_data_ptr<float>(), M, K, Kp, qp, sp, zp)
-                          : quantize_rows(x2d.const_data_ptr<c10::BFloat16>(), M, K, Kp, qp, sp, zp);
+                          ? quantize_rows(x2d.const_data_ptr<float>(), M, K, Kp, symmetric, qp, sp, zp)
+                          : quantize_rows(x2d.const_data_ptr<c10::BFloat16>(), M, K, Kp, symmetric, qp, sp, zp);
   TORCH_CHECK(finite, "int8 linear: x holds inf or nan; it cannot be quantized");
 }
 
-at::Tensor quantize_rows_u8(const at::Tensor& x2d, int64_t Kp, at::Tensor& scale, at::Tensor& zero) {
+at::Tensor quantize_rows_u8(const at::Tensor& x2d, int64_t Kp, bool symmetric, at::Tensor& scale, at::Tensor& zero) {
   const int64_t M = x2d.size(0);
   at::Tensor q = at::empty({M, Kp}, x2d.options().dtype(at::kByte));
   scale = at::empty({M}, x2d.options().dtype(at::kFloat));
   zero = at::empty({M}, x2d.options().dtype(at::kInt));
-  quantize_x(x2d, Kp, q.data_ptr<uint8_t>(), scale.data_ptr<float>(), zero.data_ptr<int32_t>());
+  quantize_x(x2d, Kp, symmetric, q.data_ptr<uint8_t>(), scale.data_ptr<float>(), zero.data_ptr<int32_t>());
   return q;
 }
 
@@ -214,6 +217,7 @@ struct Weights {
   const char* op;
   at::Tensor values, masks, block_offsets, row_sums;
   int64_t N, K;
+  bool x_symmetric;  // int8 weights: how x is quantized (quantize_rows)
 };
 
 // Shapes, dtypes and offsets of the prepacked tensors, checked before any kernel reads them.
@@ -319,14 +323,14 @@ at::Tensor lay_out_x(KernelPath path, const at::Tensor& x2d, const at::Tensor& x
 // The AVX-512 or AVX2 loops for at most kScratchRows rows of x, temporaries in scratch: x quantized (int8 weights,
 // widened to int16 for AVX2) or widened, y in fp32 written straight into the output or rounded into it.
 at::Tensor small_linear(const char* op, KernelPath path, const at::Tensor& x2d, Problem p, int64_t NB,
-                        at::IntArrayRef out_shape) {
+                        at::IntArrayRef out_shape, bool x_symmetric) {
   const int64_t M = p.M, Kp = p.Kp;
   const at::ScalarType dtype = x2d.scalar_type();
   if (p.row_sums) {
     uint8_t* q = scratch(0, M * Kp);
     float* sp = reinterpret_cast<float*>(scratch(1, M * 8));
     int32_t* zp = reinterpret_cast<int32_t*>(sp + M);
-    quantize_x(x2d, Kp, q, sp, zp);
+    quantize_x(x2d, Kp, x_symmetric, q, sp, zp);
     p.x = q, p.x_scale = sp, p.x_zero = zp;
     if (path == KernelPath::kAvx2) {
       int16_t* wide = reinterpret_cast<int16_t*>(scratch(3, M * Kp * 2));
@@ -370,11 +374,11 @@ at::Tensor run_linear(const at::Tensor& x, const Weights& w, const std::optional
             int8 ? w.row_sums.const_data_ptr<int32_t>() : nullptr, int8 ? scale32.const_data_ptr<float>() : nullptr,
             nullptr, nullptr, bias32.defined() ? bias32.const_data_ptr<float>() : nullptr, nullptr};
   if (M <= kScratchRows && (path == KernelPath::kAvx512 || path == KernelPath::kAvx2)) {
-    return small_linear(op, path, x2d, p, NB, out_shape);
+    return small_linear(op, path, x2d, p, NB, out_shape, w.x_symmetric);
   }
   at::Tensor xq, x_scale, x_zero;
   if (int8) {
-    xq = quantize_rows_u8(x2d, KC * C, x_scale, x_zero);
+    xq = quantize_rows_u8(x2d, KC * C, w.x_symmetric, x_scale, x_zero);
     p.x_scale = x_scale.const_data_ptr<float>(), p.x_zero = x_zero.const_data_ptr<int32_t>();
   }
 
@@ -430,17 +434,19 @@ std::vector<int64_t> split_blocks(const int64_t* block_offsets, int64_t NB, int6
 at::Tensor bitmap_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& masks,
                          const at::Tensor& block_offsets, const at::Tensor& row_sums, int64_t out_features,
                          int64_t in_features, const std::optional<at::Tensor>& weight_scale,
-                         const std::optional<at::Tensor>& bias, c10::string_view isa) {
+                         const std::optional<at::Tensor>& bias, c10::string_view isa, bool x_symmetric) {
   TORCH_CHECK(masks.defined() && block_offsets.defined(), "bitmap_linear: masks and block_offsets are required");
-  return run_linear(x, {"bitmap_linear", values, masks, block_offsets, row_sums, out_features, in_features},
-                    weight_scale, bias, isa);
+  return run_linear(
+      x, {"bitmap_linear", values, masks, block_offsets, row_sums, out_features, in_features, x_symmetric},
+      weight_scale, bias, isa);
 }
 
 at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_sums,
                         int64_t out_features, int64_t in_features, const std::optional<at::Tensor>& weight_scale,
-                        const std::optional<at::Tensor>& bias, c10::string_view isa) {
-  return run_linear(x, {"dense_linear", values, at::Tensor(), at::Tensor(), row_sums, out_features, in_features},
-                    weight_scale, bias, isa);
+                        const std::optional<at::Tensor>& bias, c10::string_view isa, bool x_symmetric) {
+  return run_linear(
+      x, {"dense_linear", values, at::Tensor(), at::Tensor(), row_sums, out_features, in_features, x_symmetric},
+      weight_scale, bias, isa);
 }
 
 TORCH_LIBRARY_IMPL(sparamx, CPU, m) {

@@ -11,11 +11,11 @@ namespace sparamx {
 at::Tensor bitmap_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& masks,
                          const at::Tensor& block_offsets, const at::Tensor& row_sums, int64_t out_features,
                          int64_t in_features, const std::optional<at::Tensor>& weight_scale,
-                         const std::optional<at::Tensor>& bias, c10::string_view isa);
+                         const std::optional<at::Tensor>& bias, c10::string_view isa, bool x_symmetric);
 
 at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_sums,
                         int64_t out_features, int64_t in_features, const std::optional<at::Tensor>& weight_scale,
-                        const std::optional<at::Tensor>& bias, c10::string_view isa);
+                        const std::optional<at::Tensor>& bias, c10::string_view isa, bool x_symmetric);
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_values, const at::Tensor& k_masks,
                             const at::Tensor& k_tail, const at::Tensor& v_values, const at::Tensor& v_masks,

@@ -27,11 +27,13 @@ TORCH_LIBRARY(sparamx, m) {
         "(Tensor values, Tensor masks, Tensor block_offsets, Tensor row_sums)");
   m.def("dense_prepack(Tensor weight) -> (Tensor values, Tensor row_sums)");
   // y = x @ W^T (+ bias) on prepacked weights; y has x's dtype. int8 weights need weight_scale [out] (w = scale * q)
-  // and quantize x per row to uint8 on the fly. isa: auto | reference | avx2 | avx512 | amx.
+  // and quantize x per row to uint8 on the fly: asymmetric, or symmetric with x_symmetric (compressed-tensors' int8
+  // activations). isa: auto | reference | avx2 | avx512 | amx.
   m.def("bitmap_linear(Tensor x, Tensor values, Tensor masks, Tensor block_offsets, Tensor row_sums, "
-        "int out_features, int in_features, Tensor? weight_scale=None, Tensor? bias=None, str isa='auto') -> Tensor");
+        "int out_features, int in_features, Tensor? weight_scale=None, Tensor? bias=None, str isa='auto', "
+        "bool x_symmetric=False) -> Tensor");
   m.def("dense_linear(Tensor x, Tensor values, Tensor row_sums, int out_features, int in_features, "
-        "Tensor? weight_scale=None, Tensor? bias=None, str isa='auto') -> Tensor");
+        "Tensor? weight_scale=None, Tensor? bias=None, str isa='auto', bool x_symmetric=False) -> Tensor");
   // Attention of one query token per sequence over a layer's KV cache (attention_kernels.h): q [B, Hq, head_dim];
   // per K and V the first `packed` tokens pruned per token (values [B, H, cap, keep] bf16 + masks [B, H, cap,
   // head_dim / 8]), then `tail` dense tokens [B, H, cap_tail, head_dim] bf16 or fp32; valid [B, packed + tail] bool
@@ -41,7 +43,8 @@ TORCH_LIBRARY(sparamx, m) {
   // One Llama decoder layer for one new token per sequence (decode_layer.cpp): hidden [B, hidden] in the model's
   // dtype (float32 or bfloat16), cos / sin [B, head_dim] of the token's position; weights: the two norms, then per
   // linear (values, masks or None, block_offsets or None, row_sums, weight_scale, bias) for q/k/v (1 or 3 linears),
-  // o, gate/up (1 or 2), down; shapes: [n_qkv, n_gate_up, then (out, in) per linear]; heads: [Hq, Hkv, head_dim].
+  // o, gate/up (1 or 2), down; shapes: [n_qkv, n_gate_up, then (out, in, x_symmetric) per linear]; heads: [Hq, Hkv,
+  // head_dim].
   // Writes the token's K (rotated) and V at position `tail` of k_tail / v_tail, attends over packed + tail + 1 tokens
   // as decode_attention does, and returns the layer's output hidden state.
   m.def("decode_layer(Tensor hidden, Tensor cos, Tensor sin, Tensor?[] weights, int[] shapes, int[] heads, "

@@ -27,9 +27,9 @@ CONFIG = {
 
 
 def packed(weight: torch.Tensor, kind: str, gen: torch.Generator):
-    """weight with about half its entries zeroed, as our module of `kind` (format-dtype)."""
+    """weight with about half its entries zeroed, as our module of `kind` (format-dtype, -sym: x_symmetric)."""
     w = weight.float() * (torch.rand(weight.shape, generator=gen) > 0.5)
-    layout, dtype = kind.split("-")
+    layout, dtype, *symmetric = kind.split("-")
     scale = None
     if dtype == "int8":
         scale = w.abs().amax(1).clamp_min(1e-8) / 127
@@ -37,8 +37,11 @@ def packed(weight: torch.Tensor, kind: str, gen: torch.Generator):
     else:
         w = w.to(torch.bfloat16)
     if layout == "sparse":
-        return SparseLinear(*ops.bitmap_pack(w), w.shape[1], weight_scale=scale)
-    return DenseLinear(w, weight_scale=scale)
+        module = SparseLinear(*ops.bitmap_pack(w), w.shape[1], weight_scale=scale)
+    else:
+        module = DenseLinear(w, weight_scale=scale)
+    module.x_symmetric = bool(symmetric)
+    return module
 
 
 def packed_llama(dtype: torch.dtype, kind: str, kv: KVConfig | None = None, k_proj_kind: str | None = None):
@@ -110,11 +113,13 @@ def assert_same(fused, unfused):
         (torch.bfloat16, "dense-bf16"),
         (torch.float32, "sparse-bf16"),
         (torch.float32, "dense-int8"),
+        (torch.bfloat16, "sparse-int8-sym"),
     ],
 )
 def test_fused_step_gives_the_tokens_and_scores_of_the_module_path(dtype, kind, prompts, monkeypatch):
     model = packed_llama(dtype, kind)
-    assert [len(shapes) for _, shapes in model.sparamx_decode_step.layers] == [2 + 2 * 4] * 3  # q/k/v, gate/up fused
+    assert [len(shapes) for _, shapes in model.sparamx_decode_step.layers] == [2 + 3 * 4] * 3  # q/k/v, gate/up fused
+    assert model.sparamx_decode_step.layers[0][1][4] == int(kind.endswith("-sym"))  # x_symmetric reaches the op
     assert_same(*fused_and_unfused(model, prompts))
 
 
@@ -155,7 +160,7 @@ def layer_args(b=2, hidden=64, hq=4, hkv=2, d=16, inter=96, cap=6, tail=3):
     shapes = [1, 1]
     for lin in linears:
         weights += [lin.values, lin.masks, lin.block_offsets, lin.row_sums, lin.weight_scale, None]
-        shapes += [lin.out_features, lin.in_features]
+        shapes += [lin.out_features, lin.in_features, 0]
     empty = (torch.zeros(b, hkv, 0, d // 2, dtype=torch.bfloat16), torch.zeros(b, hkv, 0, d // 8, dtype=torch.uint8))
     k_tail, v_tail = (torch.randn(b, hkv, cap, d, generator=gen) for _ in range(2))
     angle = torch.rand(b, d, generator=gen)

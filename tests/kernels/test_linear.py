@@ -31,21 +31,22 @@ def quantize_rows(w):
     return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
 
 
-def quantize_activations(x):
-    """What the int8 kernels do to x, per row: asymmetric uint8 with an exact zero, rounding half to even."""
+def quantize_activations(x, symmetric=False):
+    """What the int8 kernels do to x, per row: asymmetric uint8 with an exact zero, or (x_symmetric) int8 at scale
+    max|x| / 127.5 shifted by 128; rounding half to even."""
     x = x.float()
     lo, hi = x.amin(-1).clamp(max=0), x.amax(-1).clamp(min=0)
-    scale = (hi - lo) / 255
+    scale = torch.maximum(-lo, hi) / 127.5 if symmetric else (hi - lo) / 255
     scale[scale == 0] = 1
-    zero = torch.round(-lo / scale).clamp(0, 255)
+    zero = torch.full_like(scale, 128) if symmetric else torch.round(-lo / scale).clamp(0, 255)
     return (torch.round(x / scale[:, None]) + zero[:, None]).clamp(0, 255), scale, zero
 
 
 class Case:
     """One weight in one format: its packed tensors, the op that runs them, and the Python reference."""
 
-    def __init__(self, fmt, w, bias=None):
-        self.fmt, self.n, self.k, self.bias = fmt, *w.shape, bias
+    def __init__(self, fmt, w, bias=None, x_symmetric=False):
+        self.fmt, self.n, self.k, self.bias, self.x_symmetric = fmt, *w.shape, bias, x_symmetric
         self.int8 = fmt.endswith("int8")
         if self.int8:
             self.weight, self.scale = quantize_rows(w)
@@ -67,13 +68,13 @@ class Case:
 
     def run(self, x, isa=None):
         op, isa = self.op_for(isa)
-        return op(x, *self.packed, self.n, self.k, self.scale, self.bias, isa)
+        return op(x, *self.packed, self.n, self.k, self.scale, self.bias, isa, self.x_symmetric)
 
     def check(self, x, y):
         x2 = x.reshape(-1, self.k)
         bias = self.bias.double() if self.bias is not None else 0
         if self.int8:  # exact integer dot products, then the kernel's fp32 epilogue: equal up to fp32 rounding
-            q, sx, z = quantize_activations(x2)
+            q, sx, z = quantize_activations(x2, self.x_symmetric)
             w = self.weight.double()
             dots = (q.double() @ w.T - z.double()[:, None] * w.sum(1)[None, :]).float()
             ref = ((sx[:, None] * self.scale[None, :]) * dots).double() + bias
@@ -111,6 +112,22 @@ def test_every_decode_and_batch_size(isa, fmt, m):
     case = Case(fmt, random_weight(50, 200, 0.5, seed=m))
     x = torch.randn(m, 200) * 3
     case.check(x, case.run(x, isa))
+
+
+@pytest.mark.parametrize("isa", PATHS)
+@pytest.mark.parametrize("fmt", ("bitmap int8", "dense int8"))
+@pytest.mark.parametrize("k, n", [(576, 576), (33, 7), (1000, 17)])
+def test_symmetric_activations_match_reference(isa, fmt, k, n):
+    """x_symmetric (compressed-tensors' int8 activations): the same kernels with scale max|x| / 127.5 and the zero
+    point fixed at 128, decode rows to prefill, one row all zeros and one whose extremes round to 0 and 255."""
+    case = Case(fmt, random_weight(n, k, 0.5, seed=k + n), torch.randn(n), x_symmetric=True)
+    for m, dtype in [(1, torch.bfloat16), (3, torch.float32), (17, torch.bfloat16), (300, torch.float32)]:
+        x = torch.randn(m, k).to(dtype)
+        x[0] = 0
+        if m > 1:
+            x[1, :2] = torch.tensor([-4.0, 4.0])
+        case.check(x, case.run(x, isa))
+    assert not torch.equal(case.run(x, isa), Case(fmt, random_weight(n, k, 0.5, seed=k + n), case.bias).run(x, isa))
 
 
 @pytest.mark.parametrize("isa", PATHS)
