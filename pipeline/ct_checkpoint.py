@@ -5,7 +5,8 @@ unchanged. Supported, alone or stacked:
 - quantization `int-quantized`: int8 weights with channel-wise symmetric scales, activations int8 dynamic per token
   (our int8 kernels, quantizing activations as the scheme says: symmetric, or with a zero point) or none (W8A16:
   dequantized to the dense bf16 kernel, with a warning);
-- sparsity `sparse-bitmask` (our layout), and `dense` (zeros stored in place), packed at load where sparse enough.
+- sparsity `sparse-bitmask` (our layout), `sparse-24-bitmask` (2:4: every row keeps half its columns, so the row
+  offsets are implied), and `dense` (zeros stored in place), packed at load where sparse enough.
 """
 
 import json
@@ -22,10 +23,10 @@ from .quantize import dequantize
 SOURCE_FORMAT = "compressed-tensors"
 SUPPORTED = (
     "int-quantized W8A8 / W8A16 (int8 weights, channel-wise symmetric; activations int8 dynamic per token, or none) "
-    "and the sparse-bitmask / dense sparsity formats"
+    "and the sparse-bitmask / sparse-24-bitmask / dense sparsity formats"
 )
 QUANT_FORMATS = ("int-quantized", "naive-quantized")
-SPARSITY_FORMATS = ("sparse-bitmask", "dense")
+SPARSITY_FORMATS = ("sparse-bitmask", "sparse-24-bitmask", "dense")
 INDEX = "model.safetensors.index.json"
 
 
@@ -149,6 +150,8 @@ def as_artifact_tensors(tensors: dict, manifest: dict) -> dict:
     info = manifest["compressed_tensors"]
     weights_only = info["activations"] == "none"
     out = dict(tensors)
+    if (info["sparsity"] or {}).get("format") == "sparse-24-bitmask":
+        _with_row_offsets(out)
     records = []
     for prefix in sorted({n.rsplit(".", 1)[0] for n in tensors if n.rsplit(".", 1)[-1] in PACKED_KEYS}):
         records.append(_packed_linear(out, prefix, weights_only))
@@ -170,6 +173,26 @@ def as_artifact_tensors(tensors: dict, manifest: dict) -> dict:
         )
     manifest["layers"] = [r.to_dict() for r in records]
     return out
+
+
+def _with_row_offsets(out: dict) -> None:
+    """sparse-24-bitmask linears (compressed [rows, cols / 2], shape [2, 1]) in the sparse-bitmask layout: values
+    flat, shape [2], and the row offsets every row's half implies (the reader then checks them against the
+    bitmask's popcounts)."""
+    for name in [n for n in out if n.endswith(".compressed")]:
+        prefix = name.removesuffix(".compressed")
+        file, values = out[name]
+        if values.dim() != 2 or f"{prefix}.row_offsets" in out:
+            raise ArtifactError(
+                f"{file}: tensor {name} must be [rows, cols / 2] in the sparse-24-bitmask format, got "
+                f"{list(values.shape)}{' beside row_offsets' if f'{prefix}.row_offsets' in out else ''}"
+            )
+        rows, per_row = values.shape
+        out[name] = (file, values.reshape(-1))
+        out[f"{prefix}.row_offsets"] = (file, torch.arange(rows, dtype=torch.int64) * per_row)
+        if f"{prefix}.shape" in out:
+            shape_file, shape = out[f"{prefix}.shape"]
+            out[f"{prefix}.shape"] = (shape_file, shape.reshape(-1))
 
 
 def _decoder_weight(name: str, tensor: torch.Tensor) -> bool:

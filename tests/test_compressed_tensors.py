@@ -4,6 +4,7 @@ same checkpoint as transformers + compressed-tensors run it (decompressed, activ
 
 import json
 import shutil
+from pathlib import Path
 
 import compressed_tensors
 import pytest
@@ -192,9 +193,9 @@ def test_a_broken_checkpoint_names_the_file_or_tensor(checkpoints, tmp_path):
     with pytest.raises(ArtifactError, match="model.safetensors: corrupt safetensors file"):
         sparamx.load(bad)
     config = json.loads((bad / "config.json").read_text())
-    config["quantization_config"]["sparsity_config"] = {"format": "sparse-24-bitmask", "sparsity_structure": "2:4"}
+    config["quantization_config"]["sparsity_config"] = {"format": "marlin-24", "sparsity_structure": "2:4"}
     (bad / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ArtifactError, match="sparsity_config: format 'sparse-24-bitmask' is not supported"):
+    with pytest.raises(ArtifactError, match="sparsity_config: format .marlin-24. is not supported"):
         sparamx.load(bad)
     (bad / "model.safetensors").unlink()
     config["quantization_config"]["sparsity_config"] = {}
@@ -291,3 +292,39 @@ def test_a_hub_id_the_machine_cannot_reach_is_one_line(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ArtifactError, match="RedHatAI/Sparse-Llama-3.1-8B-2of4: no such directory, and the hub"):
         sparamx.load("RedHatAI/Sparse-Llama-3.1-8B-2of4")
+
+
+LEGACY = Path(__file__).parent / "fixtures" / "compressed-tensors-0.14"
+
+
+@pytest.mark.parametrize(
+    "name, dtype",
+    [("sparse-bitmask", "bfloat16"), ("sparse-24-bitmask", "bfloat16"), ("sparse-24-bitmask-w8a8", "int8")],
+)
+def test_legacy_sparse_formats_written_by_compressed_tensors_0_14(name, dtype, tmp_path, smol_tokenizer):
+    """Checkpoints that compressed-tensors 0.14.0 wrote (tests/fixtures/write_legacy_sparse.py; later releases dropped
+    these compressors): every linear on our bitmap kernels, with the logits of the weights 0.14 decompresses them to
+    (decompressed.safetensors) run by plain torch."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = tmp_path / name
+    shutil.copytree(LEGACY / name, path)
+    smol_tokenizer.save_pretrained(path)
+    config = AutoConfig.from_pretrained(path)
+    del config.quantization_config
+    reference = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    missing, unexpected = reference.load_state_dict(load_file(path / "decompressed.safetensors"), strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    reference.tie_weights()
+    ids = torch.randint(0, config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
+    model, _ = sparamx.load(path, kernels=True)
+    layers = model.sparamx_manifest["layers"]
+    assert len(layers) == 14 and {(r["kind"], r["dtype"]) for r in layers} == {("bitmap", dtype)}
+    assert all(isinstance(model.get_submodule(r["name"]), SparseLinear) for r in layers)
+    with torch.no_grad():
+        expected = reference(ids).logits.float()
+        got = model(ids).logits.float()
+        unpacked = sparamx.load(path, kernels=False)[0](ids).logits.float()
+    limit = 0.08 if dtype == "int8" else 0.02
+    assert (got - expected).abs().mean() <= limit * expected.abs().mean()
+    assert (unpacked - expected).abs().mean() <= limit * expected.abs().mean()
