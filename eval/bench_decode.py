@@ -2,7 +2,9 @@
 `model.generate`, tokens/s and peak RSS, for stock transformers (fp32, bf16) and our runtime on each recipe.
 
 Models: the real SmolLM2-135M and a Llama-3-8B-shaped model with random weights (--layers bounds its depth; it is
-magnitude-pruned, since its weights are random). Each configuration runs in a fresh process, threads pinned, so none
+magnitude-pruned, since its weights are random), or a path: a model to compress with each recipe, or an artifact or
+compressed-tensors checkpoint, which the runtime "sparamx, as stored" runs as it is (stock: its decompressed
+weights). Each configuration runs in a fresh process, threads pinned, so none
 warms another's caches; per-token latency is the median step of one greedy generate after a short warm-up generate.
 Writes bench.json, bench.md and bench.png under --out.
 
@@ -33,7 +35,9 @@ RUNTIMES = {  # name -> recipe of the artifact it loads (None: stock transformer
     "sparamx 50% int8, module by module": "magnitude-50-int8",
     "sparamx 50% int8, transformers KV cache": "magnitude-50-int8",
     "sparamx 50% int8, KV 50%/50%": "magnitude-50-int8",
+    "sparamx, as stored": "",  # the --models entry itself: an artifact or a compressed-tensors checkpoint
 }
+AS_STORED = "sparamx, as stored"
 # How the runtimes above that differ in the decode path alone load their artifact (the others: sparamx.load's
 # defaults, which decode through the fused step on our dense KV cache and attention op).
 LOAD_OPTIONS = {
@@ -123,6 +127,9 @@ def prepare(model: str, runtimes: list[str], layers: int, cache: Path) -> dict[s
         recipe = RUNTIMES[runtime]
         if recipe is None:
             continue
+        if runtime == AS_STORED:
+            paths[runtime] = _stored(source)
+            continue
         out = cache / f"{Path(source).name if '/' in source else source}-{recipe}"
         if recipe in INLINE_RECIPES:
             spec = Recipe.from_dict({"name": recipe, **INLINE_RECIPES[recipe]})
@@ -132,6 +139,17 @@ def prepare(model: str, runtimes: list[str], layers: int, cache: Path) -> dict[s
             sparamx.compress(source, spec, out=out, overwrite=True)
         paths[runtime] = str(out)
     return paths
+
+
+def _stored(source: str) -> str:
+    from ..pipeline.errors import ModelError
+    from ..pipeline.models import resolve_model
+
+    if resolve_model(source).kind != "artifact":
+        raise ModelError(
+            f"{AS_STORED!r} runs an artifact or compressed-tensors checkpoint as it is; {source} is neither"
+        )
+    return source
 
 
 def _cached_with(path: Path, spec) -> bool:
@@ -346,12 +364,14 @@ def build_parser(prog=None) -> argparse.ArgumentParser:
     parser.add_argument(
         "--runtimes",
         nargs="*",
-        default=list(RUNTIMES) + (list(bench_llamacpp.PEERS) if bench_llamacpp.available() else []),
+        default=[r for r in RUNTIMES if r != AS_STORED]
+        + (list(bench_llamacpp.PEERS) if bench_llamacpp.available() else []),
         choices=list(RUNTIMES) + list(bench_llamacpp.PEERS),
         metavar="RUNTIME",
         # argparse %-formats help strings: the runtimes' own % signs are escaped.
-        help=f"any of: {'; '.join([*RUNTIMES, *bench_llamacpp.PEERS]).replace('%', '%%')} (default: all; the "
-        "llama.cpp ones when llama-cpp-python is installed: make install-bench)",
+        help=f"any of: {'; '.join([*RUNTIMES, *bench_llamacpp.PEERS]).replace('%', '%%')} (default: all but "
+        f"'{AS_STORED}', which needs --models to be an artifact or compressed-tensors checkpoint; the llama.cpp ones "
+        "when llama-cpp-python is installed: make install-bench)",
     )
     parser.add_argument("--layers", type=int, default=2, help="decoder layers of the Llama-3-8B-shaped model")
     parser.add_argument(

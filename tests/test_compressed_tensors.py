@@ -328,3 +328,17 @@ def test_legacy_sparse_formats_written_by_compressed_tensors_0_14(name, dtype, t
     limit = 0.08 if dtype == "int8" else 0.02
     assert (got - expected).abs().mean() <= limit * expected.abs().mean()
     assert (unpacked - expected).abs().mean() <= limit * expected.abs().mean()
+
+
+def test_bench_runs_a_checkpoint_as_stored_beside_stock(checkpoints, tmp_path):
+    from sparamx.eval.bench_decode import main as bench
+    from sparamx.pipeline.errors import ModelError
+
+    args = ["--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache"), "--models", str(checkpoints["2of4"])]
+    args += ["--batches", "1", "--prompts", "8", "--new-tokens", "3", "--threads", "1", "--bandwidth-gib", "0"]
+    assert bench([*args, "--runtimes", "stock bf16", "sparamx, as stored"]) == 0
+    rows = json.loads((tmp_path / "out" / "bench.json").read_text())["rows"]
+    assert [(r["runtime"], r.get("error")) for r in rows] == [("stock bf16", None), ("sparamx, as stored", None)]
+    assert rows[1]["artifact"] == str(checkpoints["2of4"]) and rows[1]["weight_mb"] < rows[0]["weight_mb"]
+    with pytest.raises(ModelError, match="runs an artifact or compressed-tensors checkpoint as it is"):
+        bench([*args[:5], "smollm2-135m", *args[6:], "--runtimes", "sparamx, as stored"])
