@@ -28,6 +28,10 @@ SUPPORTED = (
 QUANT_FORMATS = ("int-quantized", "naive-quantized")
 SPARSITY_FORMATS = ("sparse-bitmask", "sparse-24-bitmask", "dense")
 INDEX = "model.safetensors.index.json"
+# quantization_config keys besides QuantizationConfig's own fields; a transform (rotations) or expert sparsity changes
+# what the weights mean, so those must be empty.
+OTHER_KEYS = ("sparsity_config", "transform_config", "version")
+MUST_BE_EMPTY = ("transform_config", "moe_sparsity_config")
 
 
 def is_checkpoint(path: Path) -> bool:
@@ -48,6 +52,7 @@ def read_checkpoint_manifest(path: Path) -> dict:
     config_file = path / "config.json"
     quant = json.loads(config_file.read_text())["quantization_config"]
     where = f"{config_file}: quantization_config"
+    _check_keys(quant, where)
     schemes = _quantization_schemes(quant, where)
     activations = sorted({s["activations"] for s in schemes.values()})
     if len(activations) > 1:
@@ -72,6 +77,19 @@ def read_checkpoint_manifest(path: Path) -> dict:
         "eval": None,
         "files": _files(path),
     }
+
+
+def _check_keys(quant: dict, where: str) -> None:
+    from compressed_tensors.quantization import QuantizationConfig
+
+    unknown = sorted(set(quant) - set(QuantizationConfig.model_fields) - set(OTHER_KEYS))
+    if unknown:
+        raise ArtifactError(f"{where}: unknown key {unknown[0]!r}; supported: {SUPPORTED}")
+    for key in MUST_BE_EMPTY:
+        if quant.get(key):
+            raise ArtifactError(
+                f"{where}.{key} is not supported (it changes what the weights mean); supported: {SUPPORTED}"
+            )
 
 
 def _quantization_schemes(quant: dict, where: str) -> dict[str, dict]:

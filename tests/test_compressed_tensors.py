@@ -197,6 +197,14 @@ def test_a_broken_checkpoint_names_the_file_or_tensor(checkpoints, tmp_path):
     (bad / "config.json").write_text(json.dumps(config))
     with pytest.raises(ArtifactError, match="sparsity_config: format .marlin-24. is not supported"):
         sparamx.load(bad)
+    for key, value, message in (
+        ("transform_config", {"config_groups": {"u": {"type": "hadamard"}}}, "transform_config is not supported"),
+        ("calibration_hash", "abc", "unknown key 'calibration_hash'"),
+    ):
+        broken = {**config, "quantization_config": {**config["quantization_config"], key: value, "sparsity_config": {}}}
+        (bad / "config.json").write_text(json.dumps(broken))
+        with pytest.raises(ArtifactError, match=message):
+            sparamx.load(bad)
     (bad / "model.safetensors").unlink()
     config["quantization_config"]["sparsity_config"] = {}
     (bad / "config.json").write_text(json.dumps(config))
