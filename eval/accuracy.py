@@ -19,6 +19,7 @@ import torch
 
 from ..pipeline.artifact_reader import read_manifest
 from ..pipeline.artifact_writer import update_manifest, write_text_atomic
+from ..pipeline.ct_checkpoint import from_checkpoint
 from ..pipeline.errors import SparamxError
 from ..pipeline.models import ModelSource, load_model, load_tokenizer
 from ..pipeline.recipe import Recipe
@@ -208,7 +209,7 @@ def run_eval(
     failures = gate_failures(rows, plan.gated, plan.threshold) if dense else []
     report = eval_report(path, source, recipe, plan, rows, dense_results, results, failures)
     report["seconds"] = round(time.perf_counter() - start, 1)
-    if not manifest.get("source_format"):  # a compressed-tensors checkpoint is not ours to write into
+    if not from_checkpoint(manifest):  # a compressed-tensors checkpoint is not ours to write into
         update_manifest(path, eval=report)
     if out:
         stem = Path(out) / f"eval-{path.name}"

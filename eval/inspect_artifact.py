@@ -7,6 +7,7 @@ from safetensors import safe_open
 
 from ..pipeline.artifact_format import PACKED_KEYS
 from ..pipeline.artifact_reader import read_manifest, read_tensors
+from ..pipeline.ct_checkpoint import from_checkpoint
 
 _DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "I16": 2, "I32": 4, "I64": 8, "BOOL": 1}
 
@@ -27,7 +28,7 @@ def artifact_table(path: str | Path) -> tuple[list[dict], dict]:
     """One row per decoder linear, and totals over them (totals["lm_head"]: the int8 lm_head's row, if stored so)."""
     path = Path(path)
     manifest = read_manifest(path)
-    if manifest.get("source_format"):  # a compressed-tensors checkpoint: its layers are known once it is read
+    if from_checkpoint(manifest):  # a compressed-tensors checkpoint: its layers are known once it is read
         read_tensors(path, manifest, verify=False)
     shapes = tensor_shapes(path, manifest)
     sizes = {name: nbytes for name, (_, nbytes) in shapes.items()}

@@ -46,7 +46,7 @@ def read_tensors(path: str | Path, manifest: dict, verify: bool = True) -> dict[
     are converted); checks each file's sha256 first when `verify` and the manifest has them."""
     path = Path(path)
     tensors: dict[str, tuple[str, torch.Tensor]] = {}
-    foreign = manifest.get("source_format") == ct_checkpoint.SOURCE_FORMAT
+    foreign = ct_checkpoint.from_checkpoint(manifest)
     for filename, info in manifest["files"].items():
         file = path / filename
         if not file.is_file():

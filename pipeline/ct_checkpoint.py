@@ -46,6 +46,11 @@ def is_checkpoint(path: Path) -> bool:
     return isinstance(quant, dict) and quant.get("quant_method") == SOURCE_FORMAT
 
 
+def from_checkpoint(manifest: dict) -> bool:
+    """Whether `manifest` is read_checkpoint_manifest's (a compressed-tensors checkpoint, not our artifact)."""
+    return manifest.get("source_format") == SOURCE_FORMAT
+
+
 def read_checkpoint_manifest(path: Path) -> dict:
     """The manifest our loader reads, for the checkpoint at `path`: its files, and its formats as checked here (one
     line naming the format or scheme at fault otherwise). `layers` is filled in by as_artifact_tensors."""
@@ -66,7 +71,6 @@ def read_checkpoint_manifest(path: Path) -> dict:
         "compressed_tensors": {
             "version": quant.get("version"),
             "activations": activations[0] if activations else None,
-            "ignore": list(quant.get("ignore") or []),
             "sparsity": sparsity,
         },
         "source_model": {"name": str(path), "kind": "artifact", "location": str(path.resolve())},
