@@ -75,6 +75,49 @@ inline bool chunk_offsets(const KvStream& s, int64_t bh, int64_t t, int64_t chun
   return used == s.keep;
 }
 
+// The set bits of each 32-bit lane: a nibble table (vpshufb), the four byte counts summed by vpdpbusd.
+inline __m512i popcount32(__m512i v) {
+  const __m512i table = _mm512_set4_epi32(0x04030302, 0x03020201, 0x03020201, 0x02010100);
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  const __m512i lo = _mm512_shuffle_epi8(table, _mm512_and_si512(v, nibble));
+  const __m512i hi = _mm512_shuffle_epi8(table, _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble));
+  return _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_add_epi8(lo, hi), _mm512_set1_epi8(1));
+}
+
+// chunk_offsets for the packed tokens [t0, t0 + n) of a block at once: off[(t - t0) * chunks + c] is where chunk c
+// of token t starts among its values (the popcounts of its earlier mask words); the mask words themselves are read
+// where they lie. Sixteen words per step for 2 or 4 chunks (prefix sums within 64- or 128-bit lanes), a word at a
+// time otherwise. False unless every token holds exactly `keep` bits.
+inline bool block_offsets(const KvStream& s, int64_t bh, int64_t t0, int64_t n, int64_t chunks, int32_t* off) {
+  const uint8_t* masks = s.masks + (bh * s.cap_packed + t0) * chunks * 4;
+  const int64_t words = n * chunks;
+  if (chunks != 2 && chunks != 4) {
+    for (int64_t t = 0; t < n; ++t) {
+      int32_t used = 0;
+      for (int64_t c = 0; c < chunks; ++c) {
+        uint32_t bits;
+        std::memcpy(&bits, masks + 4 * (t * chunks + c), 4);
+        off[t * chunks + c] = used;
+        used += __builtin_popcount(bits);
+      }
+      if (used != s.keep) return false;
+    }
+    return true;
+  }
+  const __m512i keep = _mm512_set1_epi32(static_cast<int>(s.keep));
+  const __mmask16 last_word = chunks == 4 ? 0x8888 : 0xAAAA;  // the lane holding a token's total
+  for (int64_t w = 0; w < words; w += 16) {
+    const __mmask16 lanes = static_cast<__mmask16>(words - w >= 16 ? 0xFFFF : (1u << (words - w)) - 1);
+    const __m512i count = popcount32(_mm512_maskz_loadu_epi32(lanes, masks + 4 * w));
+    __m512i upto = _mm512_add_epi32(count, _mm512_maskz_mov_epi32(chunks == 4 ? 0xEEEE : 0xAAAA,
+                                                                   _mm512_bslli_epi128(count, 4)));
+    if (chunks == 4) upto = _mm512_add_epi32(upto, _mm512_bslli_epi128(upto, 8));
+    if (_mm512_mask_cmpneq_epi32_mask(static_cast<__mmask16>(last_word & lanes), upto, keep)) return false;
+    _mm512_mask_storeu_epi32(off + w, lanes, _mm512_sub_epi32(upto, count));
+  }
+  return true;
+}
+
 // Sums of 4 vectors, at lanes 0, 4, 8 and 12: 256-bit halves added pairwise, then 128-bit quarters, then within
 // each quarter -- 13 instructions where 4 separate reduce-adds take about 32, and scores need one per head and token.
 inline __m512 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
@@ -146,18 +189,91 @@ struct HeadScores {
   }
 };
 
+// Scores of query heads [i0, i0 + Heads) for four tokens, from their 16-lane sums acc[token][head]: one reduction
+// tree (sum4) per head, times the softmax scale, into s[head * kAttnBlock + token] for the first m tokens.
+template <int Heads>
+inline void store_scores4(__m512 (&acc)[4][Heads], float scale, int64_t m, float* s) {
+  const __m512i lanes_0_4_8_12 = _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+  for (int i = 0; i < Heads; ++i) {
+    const __m512 sums = sum4(acc[0][i], acc[1][i], acc[2][i], acc[3][i]);
+    const __m512 scores = _mm512_mul_ps(_mm512_permutexvar_ps(lanes_0_4_8_12, sums), _mm512_set1_ps(scale));
+    if (m == 4) {
+      _mm_storeu_ps(s + i * kAttnBlock, _mm512_castps512_ps128(scores));
+    } else {
+      _mm512_mask_storeu_ps(s + i * kAttnBlock, static_cast<__mmask16>((1u << m) - 1), scores);
+    }
+  }
+}
+
+// Four packed tokens (row: the first one's, among bh's) whose values end at least 32 elements before the buffer's:
+// every chunk a plain load and an expand, the chunk count a constant. bits / off: their mask words and value offsets.
+template <int Heads, int Chunks>
+inline void packed_scores4(const uint16_t* q, const KvStream& k, int64_t row, const uint8_t* bits, const int32_t* off,
+                           float scale, float* s) {
+  constexpr int64_t D = 32 * Chunks;
+  const uint16_t* values = k.values + row * k.keep;
+  __m512 acc[4][Heads];
+  for (int j = 0; j < 4; ++j)
+    for (int i = 0; i < Heads; ++i) acc[j][i] = _mm512_setzero_ps();
+  for (int c = 0; c < Chunks; ++c) {
+    __m512bh x[4];
+    for (int j = 0; j < 4; ++j) {
+      uint32_t word;
+      std::memcpy(&word, bits + 4 * (j * Chunks + c), 4);
+      __m512i kept = _mm512_loadu_si512(values + j * k.keep + off[j * Chunks + c]);
+      SPARAMX_IN_REGISTER(kept);
+      x[j] = as_bf16(_mm512_maskz_expand_epi16(word, kept));
+    }
+    for (int i = 0; i < Heads; ++i) {
+      const __m512bh qc = as_bf16(_mm512_loadu_si512(q + i * D + 32 * c));
+      for (int j = 0; j < 4; ++j) acc[j][i] = _mm512_dpbf16_ps(acc[j][i], qc, x[j]);
+    }
+  }
+  store_scores4<Heads>(acc, scale, 4, s);
+}
+
+// The packed tokens [t, end) of a block, four at a time, while their values are safe to load whole (packed_scores4);
+// returns where it stopped (end, or the tokens left to the general walk), -1 on a bad mask.
+template <int Heads, int Chunks>
+inline int64_t packed_scores(const AttnProblem& p, const uint16_t* q, int64_t bh, int64_t t, int64_t end, float* s) {
+  const KvStream& k = p.k;
+  const int64_t row = bh * k.cap_packed + t;
+  int32_t off[kAttnBlock * kMaxChunks];
+  if (!block_offsets(k, bh, t, end - t, Chunks, off)) return -1;
+  const uint8_t* bits = k.masks + row * (Chunks * 4);
+  for (int64_t j = 0; t + 4 <= end && k.values + (row + j + 4) * k.keep + 32 <= k.values_end; t += 4, j += 4) {
+    for (int64_t i = 0; i < 4; ++i) prefetch_ahead(k, p, bh, t + i);
+    packed_scores4<Heads, Chunks>(q, k, row + j, bits + j * Chunks * 4, off + j * Chunks, p.scale, s + t);
+  }
+  return t;
+}
+
+// packed_scores for the head dim's chunk count as a constant (1 .. kMaxChunks).
+template <int Heads, int Chunks = kMaxChunks>
+int64_t packed_scores_for(int64_t chunks, const AttnProblem& p, const uint16_t* q, int64_t bh, int64_t t,
+                          int64_t end, float* s) {
+  if constexpr (Chunks > 1) {
+    if (chunks < Chunks) return packed_scores_for<Heads, Chunks - 1>(chunks, p, q, bh, t, end, s);
+  }
+  return packed_scores<Heads, Chunks>(p, q, bh, t, end, s);
+}
+
 // The same from the bf16 query (AttnProblem::q16) by vdpbf16ps, 32 exact products per instruction on the token's
 // bf16 chunks as loaded or expanded, nothing widened; four tokens at a time, so that one reduction tree (sum4) turns
-// four of a head's 16-lane sums into its four scores.
+// four of a head's 16-lane sums into its four scores. Runs of packed tokens go to packed_scores.
 template <int Heads>
 struct HeadScoresBf16 {
   static bool run(int64_t i0, const AttnProblem& p, int64_t bh, int64_t t0, int64_t n, float* s) {
     const KvStream& k = p.k;
     const int64_t D = p.dim, chunks = D / 32;
     const uint16_t* q = p.q16 + (bh * p.G + i0) * D;
-    const __m512i lanes_0_4_8_12 = _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
     s += i0 * kAttnBlock - t0;
-    for (int64_t t4 = t0; t4 < t0 + n; t4 += 4) {
+    int64_t start = t0;
+    if (t0 < p.packed) {
+      start = packed_scores_for<Heads>(chunks, p, q, bh, t0, std::min(t0 + n, p.packed), s);
+      if (start < 0) return false;
+    }
+    for (int64_t t4 = start; t4 < t0 + n; t4 += 4) {
       const int64_t m = std::min<int64_t>(4, t0 + n - t4);
       const uint16_t* row[4];  // a packed token's kept values, or a dense token's row
       uint32_t bits[4][kMaxChunks];
@@ -186,15 +302,7 @@ struct HeadScoresBf16 {
           for (int i = 0; i < Heads; ++i) acc[j][i] = _mm512_dpbf16_ps(acc[j][i], qc[i], x);
         }
       }
-      for (int i = 0; i < Heads; ++i) {
-        const __m512 sums = sum4(acc[0][i], acc[1][i], acc[2][i], acc[3][i]);
-        const __m512 scores = _mm512_mul_ps(_mm512_permutexvar_ps(lanes_0_4_8_12, sums), _mm512_set1_ps(p.scale));
-        if (m == 4) {
-          _mm_storeu_ps(s + i * kAttnBlock + t4, _mm512_castps512_ps128(scores));
-        } else {
-          _mm512_mask_storeu_ps(s + i * kAttnBlock + t4, static_cast<__mmask16>((1u << m) - 1), scores);
-        }
-      }
+      store_scores4<Heads>(acc, p.scale, m, s + t4);
     }
     return true;
   }
@@ -205,7 +313,7 @@ struct HeadScoresBf16 {
 template <int Heads>
 struct HeadAccumulate {
   static bool run(int64_t i0, const AttnProblem& p, int64_t bh, int64_t t0, int64_t n, const float* s, float* acc,
-                  const uint32_t* bits, const int64_t* off) {
+                  const uint8_t* bits, const int32_t* off) {
     const KvStream& v = p.v;
     const int64_t D = p.dim, chunks = D / 32, split = std::clamp(p.packed, t0, t0 + n);
     s += i0 * kAttnBlock - t0;
@@ -225,7 +333,9 @@ struct HeadAccumulate {
       };
       const uint16_t* values = v.values + (bh * v.cap_packed + t0) * v.keep;
       for (int64_t t = t0, j = c; t < split; ++t, j += chunks, values += v.keep) {
-        add(t, packed_chunk(v, values + off[j], bits[j]));
+        uint32_t word;
+        std::memcpy(&word, bits + 4 * j, 4);
+        add(t, packed_chunk(v, values + off[j], word));
       }
       if (split < t0 + n) {
         if (const float* row = f32_row(v, bh, split - p.packed, D)) {
@@ -253,7 +363,7 @@ struct HeadAccumulate {
 template <int Heads>
 struct HeadAccumulateBf16 {
   static bool run(int64_t i0, const AttnProblem& p, int64_t bh, int64_t t0, int64_t n, const uint32_t* pairs,
-                  float* acc, const uint32_t* bits, const int64_t* off) {
+                  float* acc, const uint8_t* bits, const int32_t* off) {
     const KvStream& v = p.v;
     const int64_t D = p.dim, chunks = D / 32;
     const __m512i to_lo = _mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27);
@@ -281,7 +391,9 @@ struct HeadAccumulateBf16 {
       };
       const auto packed = [&](int64_t t) {
         const int64_t j = (t - t0) * chunks + c;
-        return packed_bf16(v, values + (t - t0) * v.keep + off[j], bits[j]);
+        uint32_t word;
+        std::memcpy(&word, bits + 4 * j, 4);
+        return packed_bf16(v, values + (t - t0) * v.keep + off[j], word);
       };
       const auto dense = [&](int64_t t) {
         return t < end ? _mm512_loadu_si512(bf16_row(v, bh, t - p.packed, D) + 32 * c) : _mm512_setzero_si512();
@@ -302,16 +414,11 @@ struct HeadAccumulateBf16 {
   }
 };
 
-// The packed V tokens' mask words and value offsets of a block (chunk_offsets per token), their rows prefetched a
-// block ahead; false on a bad mask.
-inline bool block_value_offsets(const AttnProblem& p, int64_t bh, int64_t t0, int64_t n, uint32_t* bits, int64_t* off) {
-  const int64_t chunks = p.dim / 32;
-  for (int64_t t = t0; t < t0 + n; ++t) {
-    prefetch_ahead(p.v, p, bh, t);
-    const int64_t j = (t - t0) * chunks;
-    if (t < p.packed && !chunk_offsets(p.v, bh, t, chunks, bits + j, off + j)) return false;
-  }
-  return true;
+// The packed V tokens' value offsets of a block (block_offsets), their rows prefetched a block ahead; false on a bad
+// mask.
+inline bool block_value_offsets(const AttnProblem& p, int64_t bh, int64_t t0, int64_t n, int32_t* off) {
+  for (int64_t t = t0; t < t0 + n; ++t) prefetch_ahead(p.v, p, bh, t);
+  return t0 >= p.packed || block_offsets(p.v, bh, t0, std::min(t0 + n, p.packed) - t0, p.dim / 32, off);
 }
 
 inline float block_max_f32(const float* s, int64_t n) {
@@ -352,10 +459,10 @@ struct Avx512 {
 
   static bool accumulate(const AttnProblem& p, int64_t bh, int64_t t0, int64_t n, const float* s, float* acc,
                          float*) {
-    uint32_t bits[kAttnBlock * kMaxChunks];
-    int64_t off[kAttnBlock * kMaxChunks];
-    if (!block_value_offsets(p, bh, t0, n, bits, off)) return false;
-    return for_head_groups<HeadAccumulate>(p.G, p, bh, t0, n, s, acc, +bits, +off);
+    int32_t off[kAttnBlock * kMaxChunks];
+    if (!block_value_offsets(p, bh, t0, n, off)) return false;
+    const uint8_t* bits = p.v.masks + (bh * p.v.cap_packed + t0) * (p.dim / 8);
+    return for_head_groups<HeadAccumulate>(p.G, p, bh, t0, n, s, acc, bits, +off);
   }
 
   static float block_max(const float* s, int64_t n) { return block_max_f32(s, n); }
@@ -371,9 +478,9 @@ struct Avx512Bf16 {
 
   static bool accumulate(const AttnProblem& p, int64_t bh, int64_t t0, int64_t n, const float* s, float* acc,
                          float*) {
-    uint32_t bits[kAttnBlock * kMaxChunks];
-    int64_t off[kAttnBlock * kMaxChunks];
-    if (!block_value_offsets(p, bh, t0, n, bits, off)) return false;
+    int32_t off[kAttnBlock * kMaxChunks];
+    if (!block_value_offsets(p, bh, t0, n, off)) return false;
+    const uint8_t* bits = p.v.masks + (bh * p.v.cap_packed + t0) * (p.dim / 8);
     static_assert(kAttnBlock == 32, "a block's weights are two 16-lane vectors");
     // (p_t, p_t+1) as a bf16 pair (the high halves of the rounded fp32 weights), 0 past the block's end.
     thread_local std::vector<uint32_t> pairs;
@@ -389,7 +496,7 @@ struct Avx512Bf16 {
       _mm512_storeu_si512(pairs.data() + i * (kAttnBlock / 2),
                           _mm512_permutex2var_epi16(_mm512_castps_si512(a), high_halves, _mm512_castps_si512(b)));
     }
-    return for_head_groups<HeadAccumulateBf16>(p.G, p, bh, t0, n, pairs.data(), acc, +bits, +off);
+    return for_head_groups<HeadAccumulateBf16>(p.G, p, bh, t0, n, pairs.data(), acc, bits, +off);
   }
 
   static float block_max(const float* s, int64_t n) { return block_max_f32(s, n); }

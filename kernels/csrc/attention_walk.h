@@ -85,7 +85,7 @@ bool attend_range(const AttnProblem& p, int64_t bh, int64_t t0, int64_t t1, cons
         continue;
       }
       const float m = std::max(out.m[i], top);
-      const float rescale = std::exp(out.m[i] - m);  // 0 while nothing was attended yet
+      const float rescale = m == out.m[i] ? 1.0f : std::exp(out.m[i] - m);  // 0 while nothing was attended yet
       out.l[i] = out.l[i] * rescale + Isa::exp_shifted(si, n, m);
       if (rescale != 1.0f) {
         for (int64_t d = 0; d < D; ++d) out.acc[i * D + d] *= rescale;

@@ -109,10 +109,11 @@ def test_head_dim_not_a_multiple_of_32_runs_below_avx512():
 
 
 @pytest.mark.parametrize("isa", PATHS)
-def test_a_mask_that_disagrees_with_keep_is_refused(isa):
+@pytest.mark.parametrize("stream", ["k", "v"])
+def test_a_mask_that_disagrees_with_keep_is_refused(isa, stream):
     op, isa_arg = op_for(isa)
     (k, v), _ = make_cache(1, 1, 64, 10, 2, 0.5, 0.5)
-    k[1][0, 0, 3, 0] ^= 1  # one bit more or less than the 32 values token 3 keeps
+    (k if stream == "k" else v)[1][0, 0, 3, 0] ^= 1  # one bit more or less than the 32 values token 3 keeps
     with pytest.raises(RuntimeError, match="exactly as many set bits"):
         op(torch.randn(1, 2, 64), *k, *v, 10, 2, None, 0.125, isa_arg)
 

@@ -50,6 +50,43 @@ inline void mask_storeu_ps(void* at, uint16_t k, simde__m512 a) {
     if ((k >> i) & 1) std::memcpy(static_cast<float*>(at) + i, &lanes[i], 4);
 }
 
+inline simde__m512i maskz_loadu_epi32(uint16_t k, const void* at) {
+  uint32_t lanes[16] = {};
+  for (int i = 0; i < 16; ++i)
+    if ((k >> i) & 1) std::memcpy(&lanes[i], static_cast<const uint32_t*>(at) + i, 4);
+  simde__m512i out;
+  std::memcpy(&out, lanes, 64);
+  return out;
+}
+
+inline void mask_storeu_epi32(void* at, uint16_t k, simde__m512i a) {
+  uint32_t lanes[16];
+  std::memcpy(lanes, &a, 64);
+  for (int i = 0; i < 16; ++i)
+    if ((k >> i) & 1) std::memcpy(static_cast<uint32_t*>(at) + i, &lanes[i], 4);
+}
+
+// Each 128-bit lane shifted left by `bytes` bytes, zeros shifted in.
+inline simde__m512i bslli_epi128(simde__m512i a, int bytes) {
+  uint8_t in[64], out[64] = {};
+  std::memcpy(in, &a, 64);
+  for (int lane = 0; lane < 4; ++lane)
+    for (int i = bytes; i < 16; ++i) out[16 * lane + i] = in[16 * lane + i - bytes];
+  simde__m512i r;
+  std::memcpy(&r, out, 64);
+  return r;
+}
+
+inline uint16_t mask_cmpneq_epi32_mask(uint16_t k, simde__m512i a, simde__m512i b) {
+  int32_t x[16], y[16];
+  std::memcpy(x, &a, 64);
+  std::memcpy(y, &b, 64);
+  uint16_t out = 0;
+  for (int i = 0; i < 16; ++i)
+    if (((k >> i) & 1) && x[i] != y[i]) out |= static_cast<uint16_t>(1u << i);
+  return out;
+}
+
 inline int32_t reduce_add_epi32(simde__m512i a) {
   uint32_t lanes[16], sum = 0;  // wraps as the instruction does
   std::memcpy(lanes, &a, 64);
@@ -170,3 +207,14 @@ inline float reduce_add_ps(simde__m512 a) {  // halves added pairwise, as GCC's 
 #define _mm_storeu_ps simde_mm_storeu_ps
 #define _mm512_castps512_ps128 simde_mm512_castps512_ps128
 #define _mm_prefetch(address, hint) ((void)(address))
+#define _mm512_set4_epi32 simde_mm512_set4_epi32
+#define _mm512_set1_epi8 simde_mm512_set1_epi8
+#define _mm512_shuffle_epi8 simde_mm512_shuffle_epi8
+#define _mm512_srli_epi16 simde_mm512_srli_epi16
+#define _mm512_add_epi8 simde_mm512_add_epi8
+#define _mm512_sub_epi32 simde_mm512_sub_epi32
+#define _mm512_maskz_mov_epi32 simde_mm512_maskz_mov_epi32
+#define _mm512_maskz_loadu_epi32(k, at) sparamx::emulation::maskz_loadu_epi32((k), (at))
+#define _mm512_mask_storeu_epi32(at, k, a) sparamx::emulation::mask_storeu_epi32((at), (k), (a))
+#define _mm512_bslli_epi128(a, bytes) sparamx::emulation::bslli_epi128((a), (bytes))
+#define _mm512_mask_cmpneq_epi32_mask(k, a, b) sparamx::emulation::mask_cmpneq_epi32_mask((k), (a), (b))
