@@ -64,9 +64,9 @@ inline Chunk packed_chunk(const KvStream& s, const uint16_t* v, uint32_t bits) {
 }
 
 // A packed token's mask words and where each chunk's values start; false unless it holds exactly `keep` bits.
-inline bool chunk_offsets(const KvStream& s, int64_t bh, int64_t t, int64_t chunks, uint32_t* bits, int64_t* off) {
+inline bool chunk_offsets(const KvStream& s, int64_t bh, int64_t t, int64_t chunks, uint32_t* bits, int32_t* off) {
   const uint8_t* mask = s.masks + (bh * s.cap_packed + t) * chunks * 4;
-  int64_t used = 0;
+  int32_t used = 0;
   for (int64_t c = 0; c < chunks; ++c) {
     std::memcpy(&bits[c], mask + 4 * c, 4);
     off[c] = used;
@@ -86,21 +86,15 @@ inline __m512i popcount32(__m512i v) {
 
 // chunk_offsets for the packed tokens [t0, t0 + n) of a block at once: off[(t - t0) * chunks + c] is where chunk c
 // of token t starts among its values (the popcounts of its earlier mask words); the mask words themselves are read
-// where they lie. Sixteen words per step for 2 or 4 chunks (prefix sums within 64- or 128-bit lanes), a word at a
-// time otherwise. False unless every token holds exactly `keep` bits.
+// where they lie. Sixteen words per step for 2 or 4 chunks (prefix sums within 64- or 128-bit lanes), chunk_offsets
+// token by token otherwise. False unless every token holds exactly `keep` bits.
 inline bool block_offsets(const KvStream& s, int64_t bh, int64_t t0, int64_t n, int64_t chunks, int32_t* off) {
   const uint8_t* masks = s.masks + (bh * s.cap_packed + t0) * chunks * 4;
   const int64_t words = n * chunks;
   if (chunks != 2 && chunks != 4) {
+    uint32_t bits[kMaxChunks];
     for (int64_t t = 0; t < n; ++t) {
-      int32_t used = 0;
-      for (int64_t c = 0; c < chunks; ++c) {
-        uint32_t bits;
-        std::memcpy(&bits, masks + 4 * (t * chunks + c), 4);
-        off[t * chunks + c] = used;
-        used += __builtin_popcount(bits);
-      }
-      if (used != s.keep) return false;
+      if (!chunk_offsets(s, bh, t0 + t, chunks, bits, off + t * chunks)) return false;
     }
     return true;
   }
@@ -168,7 +162,7 @@ struct HeadScores {
     for (int64_t t = t0; t < split; ++t) {
       prefetch_ahead(k, p, bh, t);
       uint32_t bits[kMaxChunks];
-      int64_t off[kMaxChunks];
+      int32_t off[kMaxChunks];
       if (!chunk_offsets(k, bh, t, D / 32, bits, off)) return false;
       const uint16_t* v = k.values + (bh * k.cap_packed + t) * k.keep;
       score_token<Heads>(q, D, [&](int64_t c) { return packed_chunk(k, v + off[c], bits[c]); }, s + t);
@@ -277,7 +271,7 @@ struct HeadScoresBf16 {
       const int64_t m = std::min<int64_t>(4, t0 + n - t4);
       const uint16_t* row[4];  // a packed token's kept values, or a dense token's row
       uint32_t bits[4][kMaxChunks];
-      int64_t off[4][kMaxChunks];
+      int32_t off[4][kMaxChunks];
       for (int64_t j = 0; j < m; ++j) {
         const int64_t t = t4 + j;
         prefetch_ahead(k, p, bh, t);

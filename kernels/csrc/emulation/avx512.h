@@ -23,47 +23,26 @@ inline simde__m512i maskz_expand(Mask k, simde__m512i a) {
 }
 
 // Masked loads and stores touch only the selected lanes' memory, as the instructions do (SIMDe's read and write all
-// 64 bytes, and its store writes zeros to the others).
-inline simde__m512 mask_loadu_ps(simde__m512 src, uint16_t k, const void* at) {
-  float lanes[16];
+// 64 bytes, and its store writes zeros to the others). Lane: the element type; the others keep src's lanes.
+template <typename Lane, typename Vec>
+inline Vec mask_loadu(Vec src, uint64_t k, const void* at) {
+  constexpr int kLanes = 64 / sizeof(Lane);
+  Lane lanes[kLanes];
   std::memcpy(lanes, &src, 64);
-  for (int i = 0; i < 16; ++i)
-    if ((k >> i) & 1) std::memcpy(&lanes[i], static_cast<const float*>(at) + i, 4);
-  simde__m512 out;
+  for (int i = 0; i < kLanes; ++i)
+    if ((k >> i) & 1) std::memcpy(&lanes[i], static_cast<const Lane*>(at) + i, sizeof(Lane));
+  Vec out;
   std::memcpy(&out, lanes, 64);
   return out;
 }
 
-inline simde__m512i maskz_loadu_epi16(uint32_t k, const void* at) {
-  uint16_t lanes[32] = {};
-  for (int i = 0; i < 32; ++i)
-    if ((k >> i) & 1) std::memcpy(&lanes[i], static_cast<const uint16_t*>(at) + i, 2);
-  simde__m512i out;
-  std::memcpy(&out, lanes, 64);
-  return out;
-}
-
-inline void mask_storeu_ps(void* at, uint16_t k, simde__m512 a) {
-  float lanes[16];
+template <typename Lane, typename Vec>
+inline void mask_storeu(void* at, uint64_t k, Vec a) {
+  constexpr int kLanes = 64 / sizeof(Lane);
+  Lane lanes[kLanes];
   std::memcpy(lanes, &a, 64);
-  for (int i = 0; i < 16; ++i)
-    if ((k >> i) & 1) std::memcpy(static_cast<float*>(at) + i, &lanes[i], 4);
-}
-
-inline simde__m512i maskz_loadu_epi32(uint16_t k, const void* at) {
-  uint32_t lanes[16] = {};
-  for (int i = 0; i < 16; ++i)
-    if ((k >> i) & 1) std::memcpy(&lanes[i], static_cast<const uint32_t*>(at) + i, 4);
-  simde__m512i out;
-  std::memcpy(&out, lanes, 64);
-  return out;
-}
-
-inline void mask_storeu_epi32(void* at, uint16_t k, simde__m512i a) {
-  uint32_t lanes[16];
-  std::memcpy(lanes, &a, 64);
-  for (int i = 0; i < 16; ++i)
-    if ((k >> i) & 1) std::memcpy(static_cast<uint32_t*>(at) + i, &lanes[i], 4);
+  for (int i = 0; i < kLanes; ++i)
+    if ((k >> i) & 1) std::memcpy(static_cast<Lane*>(at) + i, &lanes[i], sizeof(Lane));
 }
 
 // Each 128-bit lane shifted left by `bytes` bytes, zeros shifted in.
@@ -195,10 +174,10 @@ inline float reduce_add_ps(simde__m512 a) {  // halves added pairwise, as GCC's 
 #define _mm512_unpackhi_epi16 simde_mm512_unpackhi_epi16
 #define __mmask16 simde__mmask16
 #define _mm512_castps_si512 simde_mm512_castps_si512
-#define _mm512_mask_loadu_ps(src, k, at) sparamx::emulation::mask_loadu_ps((src), (k), (at))
-#define _mm512_maskz_loadu_epi16(k, at) sparamx::emulation::maskz_loadu_epi16((k), (at))
-#define _mm512_mask_storeu_ps(at, k, a) sparamx::emulation::mask_storeu_ps((at), (k), (a))
-#define _mm512_maskz_loadu_ps(k, at) sparamx::emulation::mask_loadu_ps(simde_mm512_setzero_ps(), (k), (at))
+#define _mm512_mask_loadu_ps(src, k, at) sparamx::emulation::mask_loadu<float>((src), (k), (at))
+#define _mm512_maskz_loadu_epi16(k, at) sparamx::emulation::mask_loadu<uint16_t>(simde_mm512_setzero_si512(), (k), (at))
+#define _mm512_mask_storeu_ps(at, k, a) sparamx::emulation::mask_storeu<float>((at), (k), (a))
+#define _mm512_maskz_loadu_ps(k, at) sparamx::emulation::mask_loadu<float>(simde_mm512_setzero_ps(), (k), (at))
 #define _mm512_maskz_mov_ps simde_mm512_maskz_mov_ps
 #define _mm512_permutex2var_epi16 simde_mm512_permutex2var_epi16
 #define _mm512_reduce_max_ps simde_mm512_reduce_max_ps
@@ -214,7 +193,7 @@ inline float reduce_add_ps(simde__m512 a) {  // halves added pairwise, as GCC's 
 #define _mm512_add_epi8 simde_mm512_add_epi8
 #define _mm512_sub_epi32 simde_mm512_sub_epi32
 #define _mm512_maskz_mov_epi32 simde_mm512_maskz_mov_epi32
-#define _mm512_maskz_loadu_epi32(k, at) sparamx::emulation::maskz_loadu_epi32((k), (at))
-#define _mm512_mask_storeu_epi32(at, k, a) sparamx::emulation::mask_storeu_epi32((at), (k), (a))
+#define _mm512_maskz_loadu_epi32(k, at) sparamx::emulation::mask_loadu<uint32_t>(simde_mm512_setzero_si512(), (k), (at))
+#define _mm512_mask_storeu_epi32(at, k, a) sparamx::emulation::mask_storeu<uint32_t>((at), (k), (a))
 #define _mm512_bslli_epi128(a, bytes) sparamx::emulation::bslli_epi128((a), (bytes))
 #define _mm512_mask_cmpneq_epi32_mask(k, a, b) sparamx::emulation::mask_cmpneq_epi32_mask((k), (a), (b))
