@@ -32,7 +32,7 @@ def sparse_cache(k: torch.Tensor, v: torch.Tensor, sparsity: float):
         none = (k.new_zeros((b, h, 0, d)), k.new_zeros((b, h, 0, d // 8), dtype=torch.uint8))
         return (*none, k), (*none, v), 0, t
     keep = kept_elements(d, sparsity)
-    return (*prune_pack(k, keep), empty_tail), (*prune_pack(v, keep), empty_tail), t, 0
+    return (*prune_pack(k, keep, ops.kv_tile()), empty_tail), (*prune_pack(v, keep), empty_tail), t, 0
 
 
 def cache_bytes(stream) -> int:

@@ -26,12 +26,13 @@ SUPPORTED_MODEL_TYPES = ("llama",)  # RoPE applied before cache.update, full att
 
 
 class _Stream:
-    """K or V of one layer: the packed tokens' values [B, H, cap, keep] and masks [B, H, cap, head_dim / 8], and the
-    dense tail [B, H, cap_tail, head_dim]; each buffer has room for more tokens than it holds."""
+    """K or V of one layer: the packed tokens' values [B, H, cap, keep] and masks [B, H, cap, head_dim / 8], in K
+    tiles of `tile` tokens or (tile None) token by token, and the dense tail [B, H, cap_tail, head_dim]; each buffer
+    has room for more tokens than it holds."""
 
-    def __init__(self, like: Tensor, keep: int):
+    def __init__(self, like: Tensor, keep: int, tile: int | None):
         b, h, _, d = like.shape
-        self.keep = keep
+        self.keep, self.tile = keep, tile
         self.values = like.new_zeros((b, h, 0, keep), dtype=torch.bfloat16)
         self.masks = like.new_zeros((b, h, 0, d // 8), dtype=torch.uint8)
         # fp32 models keep their dense tokens exact; every other dtype is stored as bf16, as the packed values are
@@ -70,8 +71,8 @@ class SparseKVLayer(CacheLayerMixin):
         if d % 8:
             raise ModelError(f"the sparamx KV cache needs head_dim % 8 == 0, got {d}")
         self.device, self.head_dim = key_states.device, d
-        self.k = _Stream(key_states, kept_elements(d, self.kv.k_sparsity))
-        self.v = _Stream(value_states, kept_elements(d, self.kv.v_sparsity))
+        self.k = _Stream(key_states, kept_elements(d, self.kv.k_sparsity), ops.kv_tile())
+        self.v = _Stream(value_states, kept_elements(d, self.kv.v_sparsity), None)
         self.is_initialized = True
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
@@ -102,12 +103,14 @@ class SparseKVLayer(CacheLayerMixin):
             stream.tail = _room(stream.tail, self.tail + new)
 
     def _fold(self) -> None:
-        """Prune and pack all but the `recent` newest tokens, once at least `block` of them wait in the tail."""
-        n = self.tail - self.kv.recent
+        """Prune and pack all but the `recent` newest tokens, once at least `block` of them wait in the tail: as many
+        as make whole K tiles."""
+        tile = self.k.tile
+        n = (self.tail - self.kv.recent) // tile * tile
         if not self.kv.sparse or n < max(1, self.kv.block):
             return
         for stream in (self.k, self.v):
-            values, masks = prune_pack(stream.tail[:, :, :n], stream.keep)
+            values, masks = prune_pack(stream.tail[:, :, :n], stream.keep, stream.tile)
             stream.values = _room(stream.values, self.packed + n)
             stream.masks = _room(stream.masks, self.packed + n)
             stream.values[:, :, self.packed : self.packed + n] = values
@@ -122,7 +125,7 @@ class SparseKVLayer(CacheLayerMixin):
         for stream in (self.k, self.v):
             tail = stream.tail[:, :, : self.tail]
             if self.packed:
-                packed = unpack(stream.values[:, :, : self.packed], stream.masks[:, :, : self.packed])
+                packed = unpack(stream.values[:, :, : self.packed], stream.masks[:, :, : self.packed], stream.tile)
                 tail = torch.cat([packed, tail], dim=2)
             out.append(tail)
         return out[0], out[1]

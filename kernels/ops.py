@@ -83,6 +83,13 @@ def decode_attention(
 
 
 @functools.cache
+def kv_tile() -> int:
+    """Tokens per packed K tile of the KV cache (csrc/attention_kernels.h), asked of the library: the packer
+    (pipeline/kv_sparsity.py) lays K out for the kernel with it."""
+    return torch.ops.sparamx.kv_tile.default()
+
+
+@functools.cache
 def packed_layout() -> tuple[int, int, int]:
     """(output rows per block, bf16 columns per chunk, int8 columns per chunk) of the prepacked layout
     (csrc/packed_format.h), asked of the library so the fake kernels below never hold a copy."""

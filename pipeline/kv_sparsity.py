@@ -1,7 +1,10 @@
 """KV-cache sparsity: its settings (a recipe's `kv:` stage, recorded in sparamx.json, overridable at load) and its
 math. Each cached K or V vector of one token and one KV head keeps its largest-magnitude elements over head_dim
 (per-token magnitude pruning, K after RoPE: Mustafar, arXiv:2505.22913) and is packed as a head_dim-bit mask (bit b of
-byte k = element 8k + b, as the weights' bitmaps) plus the kept values in element order. Pure functions: no model."""
+byte k = element 8k + b, as the weights' bitmaps) plus the kept values in element order. K is then laid out in tiles
+of `tile` tokens, dim pairs major (kernels/csrc/attention_kernels.h says why; the kernel library gives the tile
+size): per pair row r a 32-bit mask, bit 2j + e for token j's element 2r + e, then each row's kept values in turn.
+Pure functions: no model."""
 
 import dataclasses
 from dataclasses import dataclass
@@ -23,7 +26,7 @@ class KVConfig:
     v_sparsity: float = 0.0  # fraction of each cached V vector dropped
     method: str = "magnitude"
     recent: int = 128  # the newest tokens stay dense, unpruned
-    block: int = 64  # tokens moved from the dense tail into the packed part at a time
+    block: int = 64  # tokens that wait in the dense tail before they are packed (in whole K tiles)
 
     def __post_init__(self):
         for key in ("k_sparsity", "v_sparsity"):
@@ -85,19 +88,38 @@ def unpack_bits(masks: Tensor) -> Tensor:
     return ((masks.unsqueeze(-1) & _BIT_WEIGHTS) != 0).flatten(-2)
 
 
-def prune_pack(x: Tensor, keep: int) -> tuple[Tensor, Tensor]:
-    """Vectors x [..., d] -> (values [..., keep] in element order, masks uint8 [..., d / 8]): each keeps its `keep`
-    largest |x| (ties: the lower index first, as topk of a stable sort would)."""
+def prune_pack(x: Tensor, keep: int, tile: int | None = None) -> tuple[Tensor, Tensor]:
+    """Vectors x [..., n, d] -> (values [..., n, keep], masks uint8 [..., n, d / 8]): each keeps its `keep` largest
+    |x| (ties: the lower index first, as topk of a stable sort would). Token by token, or in tiles of `tile` tokens
+    (n a multiple of it), as the kernel reads K."""
     d = x.shape[-1]
     if d % 8:
         raise ValueError(f"KV sparsity needs head_dim % 8 == 0, got {d}")
     order = x.abs().float().argsort(dim=-1, descending=True, stable=True)
     index = order[..., :keep].sort(dim=-1).values
     bits = torch.zeros(x.shape, dtype=torch.bool, device=x.device).scatter_(-1, index, True)
-    return x.gather(-1, index), pack_bits(bits)
+    if tile is None:
+        return x.gather(-1, index), pack_bits(bits)
+    rows = _pair_rows(bits, tile)
+    return _pair_rows(x, tile)[rows].reshape(index.shape), pack_bits(rows.flatten(-2)).reshape(*x.shape[:-1], d // 8)
 
 
-def unpack(values: Tensor, masks: Tensor) -> Tensor:
-    """(values [..., keep], masks [..., d / 8]) -> dense [..., d] with zeros where nothing was kept."""
-    bits = unpack_bits(masks)
-    return torch.zeros(bits.shape, dtype=values.dtype, device=values.device).masked_scatter_(bits, values)
+def unpack(values: Tensor, masks: Tensor, tile: int | None = None) -> Tensor:
+    """(values, masks) as prune_pack gave them (with the same `tile`) -> dense [..., n, d], zeros where nothing was
+    kept."""
+    if tile is None:
+        bits = unpack_bits(masks)
+        return torch.zeros(bits.shape, dtype=values.dtype, device=values.device).masked_scatter_(bits, values)
+    *lead, n, nbytes = masks.shape
+    d = nbytes * 8
+    bits = unpack_bits(masks.reshape(*lead, n // tile, d // 2, tile // 4)).reshape(*lead, n // tile, d // 2, tile, 2)
+    rows = torch.zeros(bits.shape, dtype=values.dtype, device=values.device).masked_scatter_(bits, values)
+    return rows.transpose(-3, -2).reshape(*lead, n, d)
+
+
+def _pair_rows(x: Tensor, tile: int) -> Tensor:
+    """[..., n, d] -> [..., n / tile, d / 2, tile, 2]: each tile's tokens, dim pairs major."""
+    *lead, n, d = x.shape
+    if n % tile:
+        raise ValueError(f"packed K comes in tiles of {tile} tokens; {n} tokens are not a whole number of them")
+    return x.reshape(*lead, n // tile, tile, d // 2, 2).transpose(-3, -2)

@@ -35,30 +35,35 @@ struct Reference {
     return f;
   }
 
-  static bool rows(const KvStream& s, const AttnProblem& p, int64_t bh, int64_t t0, int64_t n, float* out) {
-    const int64_t D = p.dim;
-    for (int64_t t = t0; t < t0 + n; ++t, out += D) {
-      prefetch_ahead(s, p, bh, t);
-      if (t >= p.packed) {
-        if (const float* f32 = f32_row(s, bh, t - p.packed, D)) {
-          std::memcpy(out, f32, D * 4);
-          continue;
-        }
-        const uint16_t* src = bf16_row(s, bh, t - p.packed, D);
-        for (int64_t d = 0; d < D; ++d) out[d] = widen(src[d]);
-        continue;
+  // A K tile's kKTile tokens (from token t) as fp32 rows out[j * D + d]; false unless it holds kKTile x keep bits.
+  static bool tile_rows(const KvStream& s, int64_t bh, int64_t t, int64_t D, float* out) {
+    const uint8_t* mask = packed_masks(s, bh, t, D);
+    const uint16_t* v = packed_values(s, bh, t);
+    int64_t used = 0;
+    for (int64_t r = 0; r < D / 2; ++r)
+      for (int b = 0; b < 32; ++b) {
+        const bool set = (mask[4 * r + b / 8] >> (b % 8)) & 1;
+        if (set && used == kKTile * s.keep) return false;
+        out[(b / 2) * D + 2 * r + b % 2] = set ? widen(v[used++]) : 0.0f;
       }
-      const uint8_t* mask = s.masks + (bh * s.cap_packed + t) * (D / 8);
-      const uint16_t* v = s.values + (bh * s.cap_packed + t) * s.keep;
-      int64_t used = 0;
-      for (int64_t d = 0; d < D; ++d) {
-        const bool set = (mask[d / 8] >> (d % 8)) & 1;
-        if (set && used == s.keep) return false;
-        out[d] = set ? widen(v[used++]) : 0.0f;
-      }
-      if (used != s.keep) return false;
+    return used == kKTile * s.keep;
+  }
+
+  // A packed V token as an fp32 row; false unless its mask holds `keep` bits.
+  static bool token_row(const KvStream& s, int64_t bh, int64_t t, int64_t D, float* out) {
+    const uint8_t* mask = packed_masks(s, bh, t, D);
+    const uint16_t* v = packed_values(s, bh, t);
+    int64_t used = 0;
+    for (int64_t d = 0; d < D; ++d) {
+      const bool set = (mask[d / 8] >> (d % 8)) & 1;
+      if (set && used == s.keep) return false;
+      out[d] = set ? widen(v[used++]) : 0.0f;
     }
-    return true;
+    return used == s.keep;
+  }
+
+  static void bf16_row_f32(const uint16_t* src, int64_t D, float* out) {
+    for (int64_t d = 0; d < D; ++d) out[d] = widen(src[d]);
   }
 
   static void row_scores(const float* q, int64_t G, const float* rows, int64_t n, int64_t D, float* s) {
@@ -109,7 +114,7 @@ AttendFn choose_attend(c10::string_view isa, int64_t dim) {
 
 // One of K or V: values [B, H, cap, keep] bf16, masks [B, H, cap, dim / 8] uint8, tail [B, H, cap_tail, dim] bf16.
 KvStream check_stream(const char* name, const at::Tensor& values, const at::Tensor& masks, const at::Tensor& tail,
-                      int64_t B, int64_t H, int64_t D, int64_t packed, int64_t tail_len) {
+                      int64_t B, int64_t H, int64_t D, int64_t packed, int64_t tail_len, bool tiled) {
   for (const at::Tensor* t : {&values, &masks, &tail}) {
     TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->dim() == 4 && t->size(0) == B && t->size(1) == H,
                 "decode_attention: ", name, " tensors must be contiguous CPU [", B, ", ", H, ", tokens, ...], got ",
@@ -129,7 +134,7 @@ KvStream check_stream(const char* name, const at::Tensor& values, const at::Tens
               "'s buffers of ", values.size(2), " and ", tail.size(2));
   const auto* v = reinterpret_cast<const uint16_t*>(values.const_data_ptr());
   return {v, v + values.numel(), masks.const_data_ptr<uint8_t>(), tail.const_data_ptr(),
-          tail.scalar_type() == at::kFloat, keep, values.size(2), tail.size(2)};
+          tail.scalar_type() == at::kFloat, tiled, keep, values.size(2), tail.size(2)};
 }
 
 // Work items per (batch, KV head): enough for ~4 per thread, each of at least kMinSplitTokens tokens (in blocks).
@@ -194,8 +199,10 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_values, con
   TORCH_CHECK(D > 0 && D % 8 == 0, "decode_attention: head_dim must be a positive multiple of 8, got ", D);
   TORCH_CHECK(H > 0 && Hq % H == 0, "decode_attention: ", Hq, " query heads are not a multiple of ", H, " KV heads");
   TORCH_CHECK(std::isfinite(scale), "decode_attention: scale must be finite");
-  const KvStream ks = check_stream("k", k_values, k_masks, k_tail, B, H, D, packed, tail);
-  const KvStream vs = check_stream("v", v_values, v_masks, v_tail, B, H, D, packed, tail);
+  TORCH_CHECK(packed % kKTile == 0, "decode_attention: packed K comes in tiles of ", kKTile, " tokens; ", packed,
+              " packed tokens are not a whole number of them");
+  const KvStream ks = check_stream("k", k_values, k_masks, k_tail, B, H, D, packed, tail, true);
+  const KvStream vs = check_stream("v", v_values, v_masks, v_tail, B, H, D, packed, tail, false);
   TORCH_CHECK(k_tail.scalar_type() == v_tail.scalar_type(), "decode_attention: k_tail and v_tail must have one dtype");
   const int64_t T = packed + tail;
   TORCH_CHECK(T > 0, "decode_attention: the cache holds no tokens");
@@ -228,8 +235,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_values, con
       if (!attend(p, w / S, t0, t1, part)) ok = false;
     }
   });
-  TORCH_CHECK(ok.load(), "decode_attention: a packed token's mask does not hold exactly as many set bits as the "
-              "values it keeps (", ks.keep, " for K, ", vs.keep, " for V)");
+  TORCH_CHECK(ok.load(), "decode_attention: packed masks do not hold exactly as many set bits as the values they "
+              "keep (", kKTile, " x ", ks.keep, " per K tile, ", vs.keep, " per V token)");
   at::Tensor out = at::empty({B, Hq, D}, f32);
   merge_partials(m, l, acc, S, G, D, out.data_ptr<float>());
   return to_dtype(out, q.scalar_type());

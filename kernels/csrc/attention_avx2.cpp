@@ -1,7 +1,7 @@
-// AVX2 path of decode attention (attention_walk.h's walk), for CPUs without AVX-512: a packed token is expanded 8
-// elements per mask byte by avx2_expand.h's shuffle table (one vpshufb places 8 bf16 in the high halves of 8 fp32
-// lanes, so it also widens), each byte's values starting at the popcount of the mask bits below it. Scores and the
-// weighted sum as the AVX-512 path's, 8 elements a step. Needs dim % 8 == 0.
+// AVX2 path of decode attention (attention_walk.h's walk), for CPUs without AVX-512: packed K tiles and V tokens are
+// expanded 8 elements per mask byte by avx2_expand.h's shuffle table (one vpshufb places 8 bf16 in the high halves
+// of 8 fp32 lanes, so it also widens), each byte's values starting at the popcount of the mask bits before it.
+// Scores and the weighted sum as the AVX-512 path's, 8 elements a step. Needs dim % 8 == 0.
 #include <algorithm>
 #include <cstring>
 #include <limits>
@@ -68,45 +68,64 @@ struct HeadAccumulate {
   }
 };
 
+// The 8 elements of one mask byte `bits` as fp32, from the kept values at v on (never a load past the buffer's end).
+inline __m256 expand8(const KvStream& s, const uint16_t* v, unsigned bits) {
+  __m128i raw;
+  if (v + 8 <= s.values_end) {
+    raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v));
+  } else {  // the buffer's last values: copy, never load past its end
+    uint16_t tmp[8] = {};
+    std::memcpy(tmp, v, std::min<int64_t>(8, s.values_end - v) * 2);
+    raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(tmp));
+  }
+  const __m256i shuffle = _mm256_load_si256(reinterpret_cast<const __m256i*>(kExpandTables.bf16[bits]));
+  return _mm256_castsi256_ps(_mm256_shuffle_epi8(_mm256_broadcastsi128_si256(raw), shuffle));
+}
+
 struct Avx2 {
-  static bool rows(const KvStream& s, const AttnProblem& p, int64_t bh, int64_t t0, int64_t n, float* out) {
-    const int64_t D = p.dim;
-    for (int64_t t = t0; t < t0 + n; ++t, out += D) {
-      prefetch_ahead(s, p, bh, t);
-      if (t >= p.packed) {
-        if (const float* f32 = f32_row(s, bh, t - p.packed, D)) {
-          std::memcpy(out, f32, D * 4);
-          continue;
-        }
-        const uint16_t* src = bf16_row(s, bh, t - p.packed, D);
-        for (int64_t c = 0; c < D; c += 8) {
-          const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + c));
-          _mm256_storeu_ps(out + c, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16)));
-        }
-        continue;
-      }
-      const uint8_t* mask = s.masks + (bh * s.cap_packed + t) * (D / 8);
-      const uint16_t* v = s.values + (bh * s.cap_packed + t) * s.keep;
-      int64_t used = 0;
-      for (int64_t c = 0; c < D; c += 8) {
-        const unsigned bits = mask[c / 8];
+  // A K tile's kKTile tokens (from token t) as fp32 rows out[j * D + d]: mask byte k of pair row r covers tokens
+  // 4k .. 4k + 3, so its 8 expanded lanes are their (2r, 2r + 1) pairs, stored 64 bits each.
+  static bool tile_rows(const KvStream& s, int64_t bh, int64_t t, int64_t D, float* out) {
+    const uint8_t* mask = packed_masks(s, bh, t, D);
+    const uint16_t* v = packed_values(s, bh, t);
+    int64_t used = 0;
+    for (int64_t r = 0; r < D / 2; ++r)
+      for (int64_t k = 0; k < 4; ++k) {
+        const unsigned bits = mask[4 * r + k];
         const int count = _mm_popcnt_u32(bits);
-        if (used + count > s.keep) return false;
-        __m128i raw;
-        if (v + used + 8 <= s.values_end) {
-          raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v + used));
-        } else {  // the buffer's last values: copy, never load past its end
-          uint16_t tmp[8] = {};
-          std::memcpy(tmp, v + used, count * 2);
-          raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(tmp));
-        }
-        const __m256i shuffle = _mm256_load_si256(reinterpret_cast<const __m256i*>(kExpandTables.bf16[bits]));
-        _mm256_storeu_ps(out + c, _mm256_castsi256_ps(_mm256_shuffle_epi8(_mm256_broadcastsi128_si256(raw), shuffle)));
+        if (used + count > kKTile * s.keep) return false;
+        const __m256 x = expand8(s, v + used, bits);
+        float* at = out + 4 * k * D + 2 * r;
+        _mm_storel_pi(reinterpret_cast<__m64*>(at), _mm256_castps256_ps128(x));
+        _mm_storeh_pi(reinterpret_cast<__m64*>(at + D), _mm256_castps256_ps128(x));
+        _mm_storel_pi(reinterpret_cast<__m64*>(at + 2 * D), _mm256_extractf128_ps(x, 1));
+        _mm_storeh_pi(reinterpret_cast<__m64*>(at + 3 * D), _mm256_extractf128_ps(x, 1));
         used += count;
       }
-      if (used != s.keep) return false;
+    return used == kKTile * s.keep;
+  }
+
+  // A packed V token as an fp32 row, 8 elements per mask byte.
+  static bool token_row(const KvStream& s, int64_t bh, int64_t t, int64_t D, float* out) {
+    const uint8_t* mask = packed_masks(s, bh, t, D);
+    const uint16_t* v = packed_values(s, bh, t);
+    int64_t used = 0;
+    for (int64_t c = 0; c < D; c += 8) {
+      const unsigned bits = mask[c / 8];
+      const int count = _mm_popcnt_u32(bits);
+      if (used + count > s.keep) return false;
+      _mm256_storeu_ps(out + c, expand8(s, v + used, bits));
+      used += count;
     }
-    return true;
+    return used == s.keep;
+  }
+
+  // A dense bf16 token's row as fp32.
+  static void bf16_row_f32(const uint16_t* src, int64_t D, float* out) {
+    for (int64_t c = 0; c < D; c += 8) {
+      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + c));
+      _mm256_storeu_ps(out + c, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16)));
+    }
   }
 
   static void row_scores(const float* q, int64_t G, const float* rows, int64_t n, int64_t D, float* s) {

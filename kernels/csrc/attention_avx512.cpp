@@ -1,9 +1,10 @@
-// AVX-512 path of decode attention (attention_walk.h's walk), computing straight from the cache: a token's 32-element
-// chunk is expand-loaded (vpexpandw) from its kept values by 32 bits of its mask, or loaded when dense -- never stored
-// as fp32 rows. A bf16 model (bf16 query and dense tokens) runs on vdpbf16ps: scores from the bf16 query four tokens
-// at a time, the weighted sum on pairs of tokens with the softmax weights rounded to bf16 (Avx512Bf16); an fp32 query
-// or fp32 dense tokens run in fp32, chunks widened in registers (Avx512). Per token, one chunk load serves every
-// query head of the group. Needs dim % 32 == 0.
+// AVX-512 path of decode attention (attention_walk.h's walk), computing straight from the cache: a packed K tile's
+// pair row or a packed V token's 32-element chunk is expand-loaded (vpexpandw) from its kept values by 32 mask bits,
+// a dense token's chunk loaded -- never stored as fp32 rows. A bf16 model (bf16 query and dense tokens) runs on
+// vdpbf16ps: K tiles' scores 16 tokens per instruction (one lane each), dense tokens' four at a time, the weighted
+// sum on pairs of tokens with the softmax weights rounded to bf16 (Avx512Bf16); an fp32 query or fp32 dense tokens
+// run in fp32, chunks widened in registers (Avx512). One load serves every query head of the group. Needs
+// dim % 32 == 0.
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -151,7 +152,105 @@ inline __m512bh as_bf16(__m512i x) {
   return out;
 }
 
-// s[i][t - t0] = q_i . K_t for query heads [i0, i0 + Heads) and tokens [t0, t0 + n): packed ones, then dense ones.
+// The set bits of a K tile's dim / 2 mask words (dim % 32 == 0: whole vectors of 16 words).
+inline int64_t tile_popcount(const uint8_t* masks, int64_t D) {
+  __m512i sum = _mm512_setzero_si512();
+  for (int64_t w = 0; w < D / 2; w += 16) {
+    sum = _mm512_add_epi32(sum, popcount32(_mm512_loadu_si512(masks + 4 * w)));
+  }
+  return _mm512_reduce_add_epi32(sum);
+}
+
+// Pair row r of a K tile as 16 tokens x 2 bf16 (lane j: token j's elements 2r, 2r + 1), from its mask word and the
+// values at v (which it advances). Near: the values end within 32 elements of the buffer's, so the load is masked.
+template <bool Near>
+inline __m512i tile_row(const KvStream& k, const uint8_t* masks, int64_t r, const uint16_t*& v) {
+  uint32_t word;
+  std::memcpy(&word, masks + 4 * r, 4);
+  const uint16_t* at = v;
+  v += __builtin_popcount(word);
+  if constexpr (Near) return packed_bf16(k, at, word);
+  __m512i kept = _mm512_loadu_si512(at);
+  SPARAMX_IN_REGISTER(kept);
+  return _mm512_maskz_expand_epi16(word, kept);
+}
+
+// Where a run of K tiles from token t starts, how many tiles it takes (two while two remain before `split`), and
+// whether its values end near the buffer's. False when a tile's masks do not hold kKTile x keep bits: checked before
+// any value is loaded, so a bad mask never moves a load past the tile.
+struct TileRun {
+  const uint16_t* values;
+  const uint8_t* masks;
+  int tiles;
+  bool near;
+
+  bool start(const AttnProblem& p, int64_t bh, int64_t t, int64_t split) {
+    const KvStream& k = p.k;
+    values = packed_values(k, bh, t);
+    masks = packed_masks(k, bh, t, p.dim);
+    tiles = split - t >= 2 * kKTile ? 2 : 1;
+    near = values + tiles * kKTile * k.keep + 32 > k.values_end;
+    for (int j = 0; j < tiles; ++j) {
+      if (tile_popcount(masks + j * 2 * p.dim, p.dim) != kKTile * k.keep) return false;
+    }
+    return true;
+  }
+};
+
+// The K bytes kAttnBlock tokens ahead of a tile run, asked for a few cache lines per pair row as the run goes (as
+// prefetch_ahead does token by token: a burst of them at once overflows the miss buffers), values first, then masks.
+// Past the packed tokens, prefetch_ahead's per-token walk, all at once (once per range).
+struct TilePrefetch {
+  const char *values, *masks;
+  int64_t value_lines, lines, per_row;
+
+  TilePrefetch(const AttnProblem& p, int64_t bh, int64_t t, const TileRun& run) {
+    const int64_t tokens = run.tiles * kKTile, R = p.dim / 2;
+    if (t + kAttnBlock >= p.packed) {
+      for (int64_t j = 0; j < tokens; ++j) prefetch_ahead(p.k, p, bh, t + j);
+      lines = per_row = 0;
+      return;
+    }
+    values = reinterpret_cast<const char*>(packed_values(p.k, bh, t + kAttnBlock));
+    masks = reinterpret_cast<const char*>(packed_masks(p.k, bh, t + kAttnBlock, p.dim));
+    value_lines = (tokens * p.k.keep * 2 + 63) / 64;
+    lines = value_lines + (tokens * p.dim / 8 + 63) / 64;
+    per_row = (lines + R - 1) / R;
+  }
+
+  void row(int64_t r) const {
+    for (int64_t line = r * per_row; line < (r + 1) * per_row && line < lines; ++line) {
+      prefetch_l2(line < value_lines ? values + 64 * line : masks + 64 * (line - value_lines));
+    }
+  }
+};
+
+// fp32 scores of query heads [0, Heads) (scaled fp32 query, head i at q + i * D) for one K tile: each pair row's
+// even and odd elements widened to fp32 (shift, mask) and multiplied by the broadcast query elements 2r and 2r + 1.
+template <int Heads, bool Near>
+inline void tile_scores_f32(const AttnProblem& p, int64_t bh, int64_t t, const float* q, const TileRun& run,
+                            float* s) {
+  const int64_t D = p.dim, R = D / 2;
+  __m512 acc[Heads];
+  for (int i = 0; i < Heads; ++i) acc[i] = _mm512_setzero_ps();
+  const uint16_t* v = run.values;
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  const TilePrefetch ahead(p, bh, t, run);
+  for (int64_t r = 0; r < R; ++r) {
+    ahead.row(r);
+    const __m512i x = tile_row<Near>(p.k, run.masks, r, v);
+    const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+    const __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(x, high));
+    for (int i = 0; i < Heads; ++i) {
+      acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(q[i * D + 2 * r]), even, acc[i]);
+      acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(q[i * D + 2 * r + 1]), odd, acc[i]);
+    }
+  }
+  for (int i = 0; i < Heads; ++i) _mm512_storeu_ps(s + i * kAttnBlock, acc[i]);
+}
+
+// s[i][t - t0] = q_i . K_t for query heads [i0, i0 + Heads) and tokens [t0, t0 + n): packed ones a tile at a time,
+// then dense ones.
 template <int Heads>
 struct HeadScores {
   static bool run(int64_t i0, const AttnProblem& p, int64_t bh, int64_t t0, int64_t n, float* s) {
@@ -159,13 +258,14 @@ struct HeadScores {
     const int64_t D = p.dim, split = std::clamp(p.packed, t0, t0 + n);
     const float* q = p.q + (bh * p.G + i0) * D;
     s += i0 * kAttnBlock - t0;
-    for (int64_t t = t0; t < split; ++t) {
-      prefetch_ahead(k, p, bh, t);
-      uint32_t bits[kMaxChunks];
-      int32_t off[kMaxChunks];
-      if (!chunk_offsets(k, bh, t, D / 32, bits, off)) return false;
-      const uint16_t* v = k.values + (bh * k.cap_packed + t) * k.keep;
-      score_token<Heads>(q, D, [&](int64_t c) { return packed_chunk(k, v + off[c], bits[c]); }, s + t);
+    for (int64_t t = t0; t < split; t += kKTile) {
+      TileRun run;
+      if (!run.start(p, bh, t, t + kKTile)) return false;
+      if (run.near) {
+        tile_scores_f32<Heads, true>(p, bh, t, q, run, s + t);
+      } else {
+        tile_scores_f32<Heads, false>(p, bh, t, q, run, s + t);
+      }
     }
     for (int64_t t = split; t < t0 + n; ++t) {
       prefetch_ahead(k, p, bh, t);
@@ -199,88 +299,72 @@ inline void store_scores4(__m512 (&acc)[4][Heads], float scale, int64_t m, float
   }
 }
 
-// Four packed tokens (row: the first one's, among bh's) whose values end at least 32 elements before the buffer's:
-// every chunk a plain load and an expand, the chunk count a constant. bits / off: their mask words and value offsets.
-template <int Heads, int Chunks>
-inline void packed_scores4(const uint16_t* q, const KvStream& k, int64_t row, const uint8_t* bits, const int32_t* off,
-                           float scale, float* s) {
-  constexpr int64_t D = 32 * Chunks;
-  const uint16_t* values = k.values + row * k.keep;
-  __m512 acc[4][Heads];
-  for (int j = 0; j < 4; ++j)
+// bf16 scores of query heads [0, Heads) (bf16 query, head i at q + i * D) for a run of Tiles K tiles: per pair row
+// one load and expand per tile, then per head one vdpbf16ps per tile against the broadcast query pair -- 16 tokens'
+// partial scores in the lanes, nothing to reduce. Two tiles at a time, so each broadcast serves both.
+template <int Heads, int Tiles, bool Near>
+inline void tile_scores_bf16(const AttnProblem& p, int64_t bh, int64_t t, const uint16_t* q, const TileRun& run,
+                             float* s) {
+  const int64_t D = p.dim, R = D / 2;
+  __m512 acc[Tiles][Heads];
+  const uint16_t* v[Tiles];
+  for (int j = 0; j < Tiles; ++j) {
+    v[j] = run.values + j * kKTile * p.k.keep;
     for (int i = 0; i < Heads; ++i) acc[j][i] = _mm512_setzero_ps();
-  for (int c = 0; c < Chunks; ++c) {
-    __m512bh x[4];
-    for (int j = 0; j < 4; ++j) {
-      uint32_t word;
-      std::memcpy(&word, bits + 4 * (j * Chunks + c), 4);
-      __m512i kept = _mm512_loadu_si512(values + j * k.keep + off[j * Chunks + c]);
-      SPARAMX_IN_REGISTER(kept);
-      x[j] = as_bf16(_mm512_maskz_expand_epi16(word, kept));
-    }
+  }
+  const TilePrefetch ahead(p, bh, t, run);
+  for (int64_t r = 0; r < R; ++r) {
+    ahead.row(r);
+    __m512bh x[Tiles];
+    for (int j = 0; j < Tiles; ++j) x[j] = as_bf16(tile_row<Near>(p.k, run.masks + j * 2 * D, r, v[j]));
     for (int i = 0; i < Heads; ++i) {
-      const __m512bh qc = as_bf16(_mm512_loadu_si512(q + i * D + 32 * c));
-      for (int j = 0; j < 4; ++j) acc[j][i] = _mm512_dpbf16_ps(acc[j][i], qc, x[j]);
+      uint32_t pair;
+      std::memcpy(&pair, q + i * D + 2 * r, 4);
+      const __m512bh qp = as_bf16(_mm512_set1_epi32(static_cast<int>(pair)));
+      for (int j = 0; j < Tiles; ++j) acc[j][i] = _mm512_dpbf16_ps(acc[j][i], x[j], qp);
     }
   }
-  store_scores4<Heads>(acc, scale, 4, s);
+  for (int i = 0; i < Heads; ++i)
+    for (int j = 0; j < Tiles; ++j)
+      _mm512_storeu_ps(s + i * kAttnBlock + j * kKTile, _mm512_mul_ps(acc[j][i], _mm512_set1_ps(p.scale)));
 }
 
-// The packed tokens [t, end) of a block, four at a time, while their values are safe to load whole (packed_scores4);
-// returns where it stopped (end, or the tokens left to the general walk), -1 on a bad mask.
-template <int Heads, int Chunks>
-inline int64_t packed_scores(const AttnProblem& p, const uint16_t* q, int64_t bh, int64_t t, int64_t end, float* s) {
-  const KvStream& k = p.k;
-  const int64_t row = bh * k.cap_packed + t;
-  int32_t off[kAttnBlock * kMaxChunks];
-  if (!block_offsets(k, bh, t, end - t, Chunks, off)) return -1;
-  const uint8_t* bits = k.masks + row * (Chunks * 4);
-  for (int64_t j = 0; t + 4 <= end && k.values + (row + j + 4) * k.keep + 32 <= k.values_end; t += 4, j += 4) {
-    for (int64_t i = 0; i < 4; ++i) prefetch_ahead(k, p, bh, t + i);
-    packed_scores4<Heads, Chunks>(q, k, row + j, bits + j * Chunks * 4, off + j * Chunks, p.scale, s + t);
+// tile_scores_bf16 for the run's tile count and nearness as constants.
+template <int Heads>
+inline void tile_run_scores_bf16(const AttnProblem& p, int64_t bh, int64_t t, const uint16_t* q, const TileRun& run,
+                                 float* s) {
+  if (run.tiles == 2 && run.near) {
+    tile_scores_bf16<Heads, 2, true>(p, bh, t, q, run, s);
+  } else if (run.tiles == 2) {
+    tile_scores_bf16<Heads, 2, false>(p, bh, t, q, run, s);
+  } else if (run.near) {
+    tile_scores_bf16<Heads, 1, true>(p, bh, t, q, run, s);
+  } else {
+    tile_scores_bf16<Heads, 1, false>(p, bh, t, q, run, s);
   }
-  return t;
 }
 
-// packed_scores for the head dim's chunk count as a constant (1 .. kMaxChunks).
-template <int Heads, int Chunks = kMaxChunks>
-int64_t packed_scores_for(int64_t chunks, const AttnProblem& p, const uint16_t* q, int64_t bh, int64_t t,
-                          int64_t end, float* s) {
-  if constexpr (Chunks > 1) {
-    if (chunks < Chunks) return packed_scores_for<Heads, Chunks - 1>(chunks, p, q, bh, t, end, s);
-  }
-  return packed_scores<Heads, Chunks>(p, q, bh, t, end, s);
-}
-
-// The same from the bf16 query (AttnProblem::q16) by vdpbf16ps, 32 exact products per instruction on the token's
-// bf16 chunks as loaded or expanded, nothing widened; four tokens at a time, so that one reduction tree (sum4) turns
-// four of a head's 16-lane sums into its four scores. Runs of packed tokens go to packed_scores.
+// The same from the bf16 query (AttnProblem::q16) by vdpbf16ps, exact bf16 products summed in fp32: packed tokens
+// by K tiles, dense ones four at a time, so that one reduction tree (sum4) turns four of a head's 16-lane sums into
+// its four scores.
 template <int Heads>
 struct HeadScoresBf16 {
   static bool run(int64_t i0, const AttnProblem& p, int64_t bh, int64_t t0, int64_t n, float* s) {
     const KvStream& k = p.k;
-    const int64_t D = p.dim, chunks = D / 32;
+    const int64_t D = p.dim, chunks = D / 32, split = std::clamp(p.packed, t0, t0 + n);
     const uint16_t* q = p.q16 + (bh * p.G + i0) * D;
     s += i0 * kAttnBlock - t0;
-    int64_t start = t0;
-    if (t0 < p.packed) {
-      start = packed_scores_for<Heads>(chunks, p, q, bh, t0, std::min(t0 + n, p.packed), s);
-      if (start < 0) return false;
+    TileRun run;
+    for (int64_t t = t0; t < split; t += run.tiles * kKTile) {
+      if (!run.start(p, bh, t, split)) return false;
+      tile_run_scores_bf16<Heads>(p, bh, t, q, run, s + t);
     }
-    for (int64_t t4 = start; t4 < t0 + n; t4 += 4) {
+    for (int64_t t4 = split; t4 < t0 + n; t4 += 4) {
       const int64_t m = std::min<int64_t>(4, t0 + n - t4);
-      const uint16_t* row[4];  // a packed token's kept values, or a dense token's row
-      uint32_t bits[4][kMaxChunks];
-      int32_t off[4][kMaxChunks];
+      const uint16_t* row[4];
       for (int64_t j = 0; j < m; ++j) {
-        const int64_t t = t4 + j;
-        prefetch_ahead(k, p, bh, t);
-        if (t < p.packed) {
-          if (!chunk_offsets(k, bh, t, chunks, bits[j], off[j])) return false;
-          row[j] = k.values + (bh * k.cap_packed + t) * k.keep;
-        } else {
-          row[j] = bf16_row(k, bh, t - p.packed, D);
-        }
+        prefetch_ahead(k, p, bh, t4 + j);
+        row[j] = bf16_row(k, bh, t4 + j - p.packed, D);
       }
       __m512 acc[4][Heads];
       for (int j = 0; j < 4; ++j)
@@ -291,8 +375,7 @@ struct HeadScoresBf16 {
 #pragma GCC unroll 4
         for (int j = 0; j < 4; ++j) {
           if (j >= m) break;
-          const __m512bh x = as_bf16(t4 + j < p.packed ? packed_bf16(k, row[j] + off[j][c], bits[j][c])
-                                                       : _mm512_loadu_si512(row[j] + 32 * c));
+          const __m512bh x = as_bf16(_mm512_loadu_si512(row[j] + 32 * c));
           for (int i = 0; i < Heads; ++i) acc[j][i] = _mm512_dpbf16_ps(acc[j][i], qc[i], x);
         }
       }

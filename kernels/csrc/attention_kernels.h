@@ -3,12 +3,20 @@
 // attention_avx512.cpp, attention_avx2.cpp and the reference path in attention.cpp.
 //
 // The cache of one layer, per (batch, KV head) pair "bh": first `packed` tokens pruned per token to `keep` of `dim`
-// values -- a dim-bit mask (bit b of byte k = element 8k + b) and the kept values in element order -- then `tail`
-// dense tokens (bf16, or fp32 for an fp32 model). K and V each have their own keep; every buffer has room for more
-// tokens than it holds.
+// values, then `tail` dense tokens (bf16, or fp32 for an fp32 model). K and V each have their own keep; every buffer
+// has room for more tokens than it holds. A packed V token is a dim-bit mask (bit b of byte k = element 8k + b) and
+// its kept values in element order. Packed K comes in tiles of kKTile tokens (below).
 #include <cstdint>
 
 namespace sparamx {
+
+// A packed K tile: kKTile tokens in the bytes of kKTile token rows of the values and masks buffers, dim pairs major.
+// Per pair row r (elements 2r, 2r + 1) a 32-bit mask word whose bit 2j + e is set when token j keeps element 2r + e;
+// then the kept values of row 0, of row 1, ..., each row's in bit order. So one expand of a row gives 16 tokens x one
+// dim pair, and one bf16 dot product against the query's pair adds that pair's share to 16 scores, one per lane:
+// no reduction across lanes (V needs none either way, and keeps the per-token layout). `packed` is a whole number
+// of tiles; pipeline/kv_sparsity.py writes the layout from the size the extension reports (kv_tile).
+constexpr int64_t kKTile = 16;
 
 struct KvStream {
   const uint16_t* values;      // bf16 [BH][cap_packed][keep]
@@ -16,6 +24,7 @@ struct KvStream {
   const uint8_t* masks;        // [BH][cap_packed][dim / 8]
   const void* tail;            // [BH][cap_tail][dim], bf16 or (tail_f32) fp32
   bool tail_f32;
+  bool tiled;                  // packed tokens in K tiles (K), or token by token (V)
   int64_t keep, cap_packed, cap_tail;
 };
 
@@ -51,6 +60,15 @@ constexpr float kExpPoly[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e
 // Tokens per step of the walk (attention_walk.h): its K rows, then its V rows, expanded to fp32 stay in L1.
 constexpr int64_t kAttnBlock = 32;
 
+// Where packed token t's values and mask start (for K, t the first token of a tile: the tile's).
+inline const uint16_t* packed_values(const KvStream& s, int64_t bh, int64_t t) {
+  return s.values + (bh * s.cap_packed + t) * s.keep;
+}
+
+inline const uint8_t* packed_masks(const KvStream& s, int64_t bh, int64_t t, int64_t dim) {
+  return s.masks + (bh * s.cap_packed + t) * (dim / 8);
+}
+
 // A dense token's row, fp32 as it is stored: no conversion to make (null when the tail is bf16).
 inline const float* f32_row(const KvStream& s, int64_t bh, int64_t t, int64_t dim) {
   return s.tail_f32 ? static_cast<const float*>(s.tail) + (bh * s.cap_tail + t) * dim : nullptr;
@@ -76,8 +94,8 @@ inline void prefetch_ahead(const KvStream& s, const AttnProblem& p, int64_t bh, 
   const char* at;
   int64_t bytes;
   if (t < p.packed) {
-    prefetch_l2(s.masks + (bh * s.cap_packed + t) * (p.dim / 8));
-    at = reinterpret_cast<const char*>(s.values + (bh * s.cap_packed + t) * s.keep);
+    prefetch_l2(packed_masks(s, bh, t, p.dim));
+    at = reinterpret_cast<const char*>(packed_values(s, bh, t));
     bytes = s.keep * 2;
   } else {
     const int64_t size = s.tail_f32 ? 4 : 2;
@@ -87,7 +105,7 @@ inline void prefetch_ahead(const KvStream& s, const AttnProblem& p, int64_t bh, 
   for (int64_t off = 0; off < bytes; off += 64) prefetch_l2(at + off);
 }
 
-// False when a packed token's mask does not hold exactly `keep` set bits.
+// False when a packed token's mask (a K tile's masks) does not hold exactly `keep` (kKTile x `keep`) set bits.
 bool avx512_attend(const AttnProblem& p, int64_t bh, int64_t t0, int64_t t1, const AttnPartial& out);
 bool avx2_attend(const AttnProblem& p, int64_t bh, int64_t t0, int64_t t1, const AttnPartial& out);
 

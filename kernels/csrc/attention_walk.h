@@ -10,6 +10,7 @@
 // A path that expands rows to fp32 first gets the first two from RowsFirst below.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -41,19 +42,39 @@ bool for_head_groups(int64_t G, Args... args) {
 }
 
 // scores and accumulate for a path that expands a block's K or V rows to fp32 first (reference, AVX2) and then
-// computes on them: Rows::rows(stream, p, bh, t0, n, out), Rows::row_scores(q, G, rows, n, dim, s),
-// Rows::row_accumulate(s, G, rows, n, dim, acc), Rows::block_max, Rows::exp_shifted.
+// computes on them. Rows provides the expansion of a K tile, a packed V token and a dense bf16 row --
+// tile_rows(stream, bh, t, dim, out), token_row(stream, bh, t, dim, out) (both false on a bad mask) and
+// bf16_row_f32(src, dim, out) -- and row_scores(q, G, rows, n, dim, s), row_accumulate(s, G, rows, n, dim, acc),
+// block_max, exp_shifted.
 template <typename Rows>
 struct RowsFirst {
+  // Tokens [t0, t0 + n) of stream s as fp32 rows out[(t - t0) * dim + d]; false on a bad mask.
+  static bool rows(const KvStream& s, const AttnProblem& p, int64_t bh, int64_t t0, int64_t n, float* out) {
+    const int64_t D = p.dim, split = std::clamp(p.packed, t0, t0 + n), step = s.tiled ? kKTile : 1;
+    for (int64_t t = t0; t < split; t += step, out += step * D) {  // a block holds whole tiles (packed % kKTile == 0)
+      for (int64_t j = 0; j < step; ++j) prefetch_ahead(s, p, bh, t + j);
+      if (!(s.tiled ? Rows::tile_rows(s, bh, t, D, out) : Rows::token_row(s, bh, t, D, out))) return false;
+    }
+    for (int64_t t = split; t < t0 + n; ++t, out += D) {
+      prefetch_ahead(s, p, bh, t);
+      if (const float* f32 = f32_row(s, bh, t - p.packed, D)) {
+        std::memcpy(out, f32, D * 4);
+      } else {
+        Rows::bf16_row_f32(bf16_row(s, bh, t - p.packed, D), D, out);
+      }
+    }
+    return true;
+  }
+
   static bool scores(const AttnProblem& p, int64_t bh, int64_t t0, int64_t n, const float* q, float* s,
                      float* scratch) {
-    if (!Rows::rows(p.k, p, bh, t0, n, scratch)) return false;
+    if (!rows(p.k, p, bh, t0, n, scratch)) return false;
     Rows::row_scores(q, p.G, scratch, n, p.dim, s);
     return true;
   }
   static bool accumulate(const AttnProblem& p, int64_t bh, int64_t t0, int64_t n, const float* s, float* acc,
                          float* scratch) {
-    if (!Rows::rows(p.v, p, bh, t0, n, scratch)) return false;
+    if (!rows(p.v, p, bh, t0, n, scratch)) return false;
     Rows::row_accumulate(s, p.G, scratch, n, p.dim, acc);
     return true;
   }

@@ -13,10 +13,11 @@
 #else
 #include <immintrin.h>
 #define SPARAMX_AVX512_BEGIN \
-  _Pragma("GCC push_options") _Pragma("GCC target(\"avx512f,avx512bw,avx512vl,avx512vbmi2,avx512vnni,avx512bf16\")")
+  _Pragma("GCC push_options") _Pragma("GCC target(\"avx512f,avx512bw,avx512vl,avx512vbmi2,avx512vnni,avx512bf16,popcnt\")")
 #define SPARAMX_AMX_BEGIN   \
   _Pragma("GCC push_options") \
-      _Pragma("GCC target(\"avx512f,avx512bw,avx512vl,avx512vbmi2,avx512vnni,avx512bf16,amx-tile,amx-bf16,amx-int8\")")
+      _Pragma(                  \
+          "GCC target(\"avx512f,avx512bw,avx512vl,avx512vbmi2,avx512vnni,avx512bf16,popcnt,amx-tile,amx-bf16,amx-int8\")")
 #define SPARAMX_ISA_END _Pragma("GCC pop_options")
 // Keeps a loaded vector in a register: GCC would fold the load into vpexpand{b,w}'s memory form, which Zen 4 runs at
 // half the rate of a load and the register form.

@@ -3,6 +3,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "attention_kernels.h"
 #include "cpu_features.h"
 #include "linear_kernels.h"
 #include "packed_format.h"
@@ -58,6 +59,8 @@ TORCH_LIBRARY(sparamx, m) {
   m.def("packed_layout() -> int[]", []() -> std::vector<int64_t> {
     return {sparamx::kRows, sparamx::chunk_width(at::kBFloat16), sparamx::chunk_width(at::kChar)};
   });
+  // Tokens per packed K tile of the KV cache (attention_kernels.h), for the packer in pipeline/kv_sparsity.py.
+  m.def("kv_tile() -> int", []() -> int64_t { return sparamx::kKTile; });
   // From how many rows of x isa=auto runs the AMX tiles (where the CPU has them).
   m.def("amx_min_rows() -> int", &sparamx::amx_min_rows);
 }

@@ -14,7 +14,7 @@ from sparamx.pipeline.errors import ModelError
 from sparamx.pipeline.kv_sparsity import KVConfig
 from sparamx.pipeline.models import decoder_layers, linear_modules
 
-SPARSE_KV = KVConfig(k_sparsity=0.5, v_sparsity=0.5, recent=8, block=4)
+SPARSE_KV = KVConfig(k_sparsity=0.5, v_sparsity=0.5, recent=8, block=16)
 CONFIG = {
     "vocab_size": 500,
     "hidden_size": 192,

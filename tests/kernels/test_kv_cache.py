@@ -6,12 +6,12 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from sparamx.kernels import kv_cache
+from sparamx.kernels import kv_cache, ops
 from sparamx.kernels.kv_cache import SparseKVCache, SparseKVLayer
 from sparamx.pipeline.errors import ModelError
-from sparamx.pipeline.kv_sparsity import KVConfig, unpack_bits
+from sparamx.pipeline.kv_sparsity import KVConfig, unpack
 
-SPARSE = KVConfig(k_sparsity=0.5, v_sparsity=0.5, recent=8, block=4)
+SPARSE = KVConfig(k_sparsity=0.5, v_sparsity=0.5, recent=8, block=16)
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +61,11 @@ def test_sparse_cache_prunes_and_the_op_equals_sdpa_on_its_tokens(model, prompts
     cache = SparseKVCache(model.config, SPARSE)
     ours = generate(model, prompts, cache=cache)
     layer = cache.layers[0]
-    assert layer.packed + layer.tail == 37 + 39 and layer.tail < SPARSE.recent + SPARSE.block
-    kept = unpack_bits(layer.k.masks[:, :, : layer.packed])
-    assert (kept.sum(-1) == 16).all()  # half of head_dim 32, every packed token
+    assert layer.packed + layer.tail == 37 + 39 and layer.tail <= SPARSE.recent + SPARSE.block
+    assert layer.packed > 0 and layer.packed % ops.kv_tile() == 0  # K in whole tiles
+    for stream in (layer.k, layer.v):  # half of head_dim 32, every packed token
+        values, masks = stream.values[:, :, : layer.packed], stream.masks[:, :, : layer.packed]
+        assert (unpack(torch.ones_like(values), masks, stream.tile).sum(-1) == 16).all()
 
     def dense_attend(self, query, valid, scale):  # SDPA over the same pruned K/V, expanded per query head
         k, v = (t.float().repeat_interleave(query.shape[1] // t.shape[1], 1) for t in self.dense())

@@ -30,6 +30,26 @@ def test_each_vector_keeps_its_largest_magnitudes(d, keep):
     assert (dropped_max <= kept_min).all()
 
 
+@pytest.mark.parametrize("d, keep", [(64, 32), (32, 1), (128, 38), (8, 3)])
+def test_k_tiles_hold_the_same_values_dim_pairs_major(d, keep):
+    x = torch.randn(2, 3, 32, d).bfloat16()
+    values, masks = prune_pack(x, keep)
+    tiled_values, tiled_masks = prune_pack(x, keep, tile=16)
+    assert tiled_values.shape == values.shape and tiled_masks.shape == masks.shape
+    assert torch.equal(unpack(tiled_values, tiled_masks, tile=16), unpack(values, masks))
+    # the first tile of the first head, by hand: row r's word has bit 2j + e for token j's element 2r + e
+    kept = unpack_bits(masks[0, 0, :16])
+    word = int.from_bytes(bytes(tiled_masks[0, 0].flatten()[4:8].tolist()), "little")  # pair row 1
+    assert word == sum(1 << (2 * j + e) for j in range(16) for e in range(2) if kept[j, 2 + e])
+    in_order = [x[0, 0, j, 2 * r + e] for r in range(d // 2) for j in range(16) for e in range(2) if kept[j, 2 * r + e]]
+    assert torch.equal(tiled_values[0, 0, :16].flatten(), torch.stack(in_order))
+
+
+def test_k_tiles_need_whole_tiles():
+    with pytest.raises(ValueError, match="tiles of 16 tokens; 20 tokens"):
+        prune_pack(torch.randn(1, 1, 20, 64), 32, tile=16)
+
+
 def test_bits_are_little_endian_per_byte_as_the_weights_bitmaps():
     bits = torch.zeros(16, dtype=torch.bool)
     bits[[0, 3, 9, 15]] = True
