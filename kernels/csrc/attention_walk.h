@@ -82,12 +82,45 @@ struct RowsFirst {
   static float exp_shifted(float* s, int64_t n, float shift) { return Rows::exp_shifted(s, n, shift); }
 };
 
+// The online softmax of a block, in three passes over the G heads -- maxima, exps, then the running sums and rescaled
+// accumulators -- so that the heads' exp chains (latency-bound, a few vectors each) overlap instead of running one
+// after the other. top / sum: G floats of scratch.
+template <typename Isa>
+void block_softmax(float* s, int64_t G, int64_t n, const bool* valid, const AttnPartial& out, int64_t D, float* top,
+                   float* sum) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < G; ++i) {
+    float* si = s + i * kAttnBlock;
+    if (valid) {
+      for (int64_t t = 0; t < n; ++t) si[t] = valid[t] ? si[t] : kNegInf;
+    }
+    top[i] = Isa::block_max(si, n);
+  }
+  for (int64_t i = 0; i < G; ++i) {
+    float* si = s + i * kAttnBlock;
+    if (top[i] == kNegInf) {  // every token of the block masked for this head: it adds nothing
+      std::fill(si, si + n, 0.0f);
+      continue;
+    }
+    top[i] = std::max(out.m[i], top[i]);
+    sum[i] = Isa::exp_shifted(si, n, top[i]);
+  }
+  for (int64_t i = 0; i < G; ++i) {
+    if (top[i] == kNegInf) continue;
+    const float rescale = top[i] == out.m[i] ? 1.0f : std::exp(out.m[i] - top[i]);  // 0 while nothing was attended
+    out.l[i] = out.l[i] * rescale + sum[i];
+    if (rescale != 1.0f) {
+      for (int64_t d = 0; d < D; ++d) out.acc[i * D + d] *= rescale;
+    }
+    out.m[i] = top[i];
+  }
+}
+
 template <typename Isa>
 bool attend_range(const AttnProblem& p, int64_t bh, int64_t t0, int64_t t1, const AttnPartial& out) {
-  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   const int64_t G = p.G, D = p.dim;
-  std::vector<float> scratch(kAttnBlock * D), s(G * kAttnBlock);
-  std::fill(out.m, out.m + G, kNegInf);
+  std::vector<float> scratch(kAttnBlock * D), s(G * kAttnBlock), top(G), sum(G);
+  std::fill(out.m, out.m + G, -std::numeric_limits<float>::infinity());
   std::fill(out.l, out.l + G, 0.0f);
   std::fill(out.acc, out.acc + G * D, 0.0f);
   const float* q = p.q + bh * G * D;
@@ -95,24 +128,7 @@ bool attend_range(const AttnProblem& p, int64_t bh, int64_t t0, int64_t t1, cons
   for (int64_t tb = t0; tb < t1; tb += kAttnBlock) {
     const int64_t n = std::min(kAttnBlock, t1 - tb);
     if (!Isa::scores(p, bh, tb, n, q, s.data(), scratch.data())) return false;
-    for (int64_t i = 0; i < G; ++i) {
-      float* si = s.data() + i * kAttnBlock;
-      if (valid) {
-        for (int64_t t = 0; t < n; ++t) si[t] = valid[tb + t] ? si[t] : kNegInf;
-      }
-      const float top = Isa::block_max(si, n);
-      if (top == kNegInf) {  // every token of the block masked for this head: it adds nothing
-        std::fill(si, si + n, 0.0f);
-        continue;
-      }
-      const float m = std::max(out.m[i], top);
-      const float rescale = m == out.m[i] ? 1.0f : std::exp(out.m[i] - m);  // 0 while nothing was attended yet
-      out.l[i] = out.l[i] * rescale + Isa::exp_shifted(si, n, m);
-      if (rescale != 1.0f) {
-        for (int64_t d = 0; d < D; ++d) out.acc[i * D + d] *= rescale;
-      }
-      out.m[i] = m;
-    }
+    block_softmax<Isa>(s.data(), G, n, valid ? valid + tb : nullptr, out, D, top.data(), sum.data());
     if (!Isa::accumulate(p, bh, tb, n, s.data(), out.acc, scratch.data())) return false;
   }
   return true;
