@@ -558,20 +558,22 @@ struct Avx512Bf16 {
     int32_t off[kAttnBlock * kMaxChunks];
     if (!block_value_offsets(p, bh, t0, n, off)) return false;
     const uint8_t* bits = p.v.masks + (bh * p.v.cap_packed + t0) * (p.dim / 8);
-    static_assert(kAttnBlock == 32, "a block's weights are two 16-lane vectors");
-    // (p_t, p_t+1) as a bf16 pair (the high halves of the rounded fp32 weights), 0 past the block's end.
+    // (p_t, p_t+1) as a bf16 pair (the high halves of the rounded fp32 weights), 32 tokens per step, 0 past the end.
     thread_local std::vector<uint32_t> pairs;
     pairs.resize(p.G * (kAttnBlock / 2));
     const __m512i high_halves = _mm512_setr_epi32(0x30001, 0x70005, 0xB0009, 0xF000D, 0x130011, 0x170015, 0x1B0019,
                                                   0x1F001D, 0x230021, 0x270025, 0x2B0029, 0x2F002D, 0x330031,
                                                   0x370035, 0x3B0039, 0x3F003D);
-    const __mmask16 first = static_cast<__mmask16>((1u << std::min<int64_t>(16, n)) - 1);
-    const __mmask16 second = static_cast<__mmask16>((1u << std::max<int64_t>(0, n - 16)) - 1);
-    for (int64_t i = 0; i < p.G; ++i) {
-      const __m512 a = _mm512_maskz_loadu_ps(first, s + i * kAttnBlock);
-      const __m512 b = _mm512_maskz_loadu_ps(second, s + i * kAttnBlock + 16);
-      _mm512_storeu_si512(pairs.data() + i * (kAttnBlock / 2),
-                          _mm512_permutex2var_epi16(_mm512_castps_si512(a), high_halves, _mm512_castps_si512(b)));
+    for (int64_t h = 0; h < kAttnBlock; h += 32) {
+      const int64_t left = std::max<int64_t>(0, n - h);
+      const __mmask16 first = static_cast<__mmask16>((1u << std::min<int64_t>(16, left)) - 1);
+      const __mmask16 second = static_cast<__mmask16>((1u << std::clamp<int64_t>(left - 16, 0, 16)) - 1);
+      for (int64_t i = 0; i < p.G; ++i) {
+        const __m512 a = _mm512_maskz_loadu_ps(first, s + i * kAttnBlock + h);
+        const __m512 b = _mm512_maskz_loadu_ps(second, s + i * kAttnBlock + h + 16);
+        _mm512_storeu_si512(pairs.data() + i * (kAttnBlock / 2) + h / 2,
+                            _mm512_permutex2var_epi16(_mm512_castps_si512(a), high_halves, _mm512_castps_si512(b)));
+      }
     }
     return for_head_groups<HeadAccumulateBf16>(p.G, p, bh, t0, n, pairs.data(), acc, bits, +off);
   }

@@ -57,8 +57,11 @@ constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
 constexpr float kExpPoly[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
                                4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
 
-// Tokens per step of the walk (attention_walk.h): its K rows, then its V rows, expanded to fp32 stay in L1.
-constexpr int64_t kAttnBlock = 32;
+// Tokens per step of the walk (attention_walk.h), and how far ahead it prefetches: per-block costs (the softmax, the
+// accumulators' loads and stores) are spread over 64 tokens. Paths that expand rows to fp32 first do so kRowsBlock
+// tokens at a time, so that a part's K rows, then its V rows, stay in L1.
+constexpr int64_t kAttnBlock = 64;
+constexpr int64_t kRowsBlock = 32;
 
 // Where packed token t's values and mask start (for K, t the first token of a tile: the tile's).
 inline const uint16_t* packed_values(const KvStream& s, int64_t bh, int64_t t) {

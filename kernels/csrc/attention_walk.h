@@ -6,7 +6,7 @@
 //   Isa::accumulate(p, bh, t0, n, s, acc, scratch)  acc_i += sum_t s[i][t] * V_t
 //   Isa::block_max(s, n)                            the largest of s[0, n)
 //   Isa::exp_shifted(s, n, shift)                   s[t] = exp(s[t] - shift), exp(-inf) = 0; returns the sum
-// the first two false on a packed token whose mask does not hold `keep` bits; scratch: kAttnBlock x dim floats.
+// the first two false on a packed token whose mask does not hold `keep` bits; scratch: kRowsBlock x dim floats.
 // A path that expands rows to fp32 first gets the first two from RowsFirst below.
 #include <algorithm>
 #include <cmath>
@@ -68,14 +68,20 @@ struct RowsFirst {
 
   static bool scores(const AttnProblem& p, int64_t bh, int64_t t0, int64_t n, const float* q, float* s,
                      float* scratch) {
-    if (!rows(p.k, p, bh, t0, n, scratch)) return false;
-    Rows::row_scores(q, p.G, scratch, n, p.dim, s);
+    for (int64_t h = 0; h < n; h += kRowsBlock) {  // kRowsBlock rows at a time: whole K tiles
+      const int64_t m = std::min(kRowsBlock, n - h);
+      if (!rows(p.k, p, bh, t0 + h, m, scratch)) return false;
+      Rows::row_scores(q, p.G, scratch, m, p.dim, s + h);
+    }
     return true;
   }
   static bool accumulate(const AttnProblem& p, int64_t bh, int64_t t0, int64_t n, const float* s, float* acc,
                          float* scratch) {
-    if (!rows(p.v, p, bh, t0, n, scratch)) return false;
-    Rows::row_accumulate(s, p.G, scratch, n, p.dim, acc);
+    for (int64_t h = 0; h < n; h += kRowsBlock) {
+      const int64_t m = std::min(kRowsBlock, n - h);
+      if (!rows(p.v, p, bh, t0 + h, m, scratch)) return false;
+      Rows::row_accumulate(s + h, p.G, scratch, m, p.dim, acc);
+    }
     return true;
   }
   static float block_max(const float* s, int64_t n) { return Rows::block_max(s, n); }
@@ -119,7 +125,7 @@ void block_softmax(float* s, int64_t G, int64_t n, const bool* valid, const Attn
 template <typename Isa>
 bool attend_range(const AttnProblem& p, int64_t bh, int64_t t0, int64_t t1, const AttnPartial& out) {
   const int64_t G = p.G, D = p.dim;
-  std::vector<float> scratch(kAttnBlock * D), s(G * kAttnBlock), top(G), sum(G);
+  std::vector<float> scratch(kRowsBlock * D), s(G * kAttnBlock), top(G), sum(G);
   std::fill(out.m, out.m + G, -std::numeric_limits<float>::infinity());
   std::fill(out.l, out.l + G, 0.0f);
   std::fill(out.acc, out.acc + G * D, 0.0f);
