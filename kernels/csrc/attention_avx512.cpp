@@ -197,29 +197,33 @@ struct TileRun {
   }
 };
 
-// The K bytes kAttnBlock tokens ahead of a tile run, asked for a few cache lines per pair row as the run goes (as
-// prefetch_ahead does token by token: a burst of them at once overflows the miss buffers), values first, then masks.
-// Past the packed tokens, prefetch_ahead's per-token walk, all at once (once per range).
-struct TilePrefetch {
-  const char *values, *masks;
-  int64_t value_lines, lines, per_row;
+// The bytes of stream s's tokens a block ahead of [t, t + tokens) -- their values, then their masks -- asked for a
+// few cache lines per step over the `steps` steps of the work on [t, t + tokens): spread out as prefetch_ahead is
+// token by token (a burst of them at once overflows the miss buffers), in fewer instructions. Where those tokens are
+// not all packed, prefetch_ahead's per-token walk, all at once (once per range).
+struct SpreadPrefetch {
+  const char *values = nullptr, *masks = nullptr;
+  int64_t value_lines = 0, lines = 0, per_step = 0;
 
-  TilePrefetch(const AttnProblem& p, int64_t bh, int64_t t, const TileRun& run) {
-    const int64_t tokens = run.tiles * kKTile, R = p.dim / 2;
-    if (t + kAttnBlock >= p.packed) {
-      for (int64_t j = 0; j < tokens; ++j) prefetch_ahead(p.k, p, bh, t + j);
-      lines = per_row = 0;
+  SpreadPrefetch(const KvStream& s, const AttnProblem& p, int64_t bh, int64_t t, int64_t tokens, int64_t steps) {
+    if (t + kAttnBlock + tokens > p.packed) {
+      for (int64_t j = 0; j < tokens; ++j) prefetch_ahead(s, p, bh, t + j);
       return;
     }
-    values = reinterpret_cast<const char*>(packed_values(p.k, bh, t + kAttnBlock));
-    masks = reinterpret_cast<const char*>(packed_masks(p.k, bh, t + kAttnBlock, p.dim));
-    value_lines = (tokens * p.k.keep * 2 + 63) / 64;
-    lines = value_lines + (tokens * p.dim / 8 + 63) / 64;
-    per_row = (lines + R - 1) / R;
+    const auto line_of = [](const void* at) {
+      return reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(at) & ~uintptr_t{63});
+    };
+    const char* v = reinterpret_cast<const char*>(packed_values(s, bh, t + kAttnBlock));
+    const char* m = reinterpret_cast<const char*>(packed_masks(s, bh, t + kAttnBlock, p.dim));
+    values = line_of(v);
+    masks = line_of(m);
+    value_lines = (v + tokens * s.keep * 2 - values + 63) / 64;
+    lines = value_lines + (m + tokens * p.dim / 8 - masks + 63) / 64;
+    per_step = (lines + steps - 1) / steps;
   }
 
-  void row(int64_t r) const {
-    for (int64_t line = r * per_row; line < (r + 1) * per_row && line < lines; ++line) {
+  void step(int64_t k) const {
+    for (int64_t line = k * per_step; line < (k + 1) * per_step && line < lines; ++line) {
       prefetch_l2(line < value_lines ? values + 64 * line : masks + 64 * (line - value_lines));
     }
   }
@@ -235,9 +239,9 @@ inline void tile_scores_f32(const AttnProblem& p, int64_t bh, int64_t t, const f
   for (int i = 0; i < Heads; ++i) acc[i] = _mm512_setzero_ps();
   const uint16_t* v = run.values;
   const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
-  const TilePrefetch ahead(p, bh, t, run);
+  const SpreadPrefetch ahead(p.k, p, bh, t, run.tiles * kKTile, R);
   for (int64_t r = 0; r < R; ++r) {
-    ahead.row(r);
+    ahead.step(r);
     const __m512i x = tile_row<Near>(p.k, run.masks, r, v);
     const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
     const __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(x, high));
@@ -312,9 +316,9 @@ inline void tile_scores_bf16(const AttnProblem& p, int64_t bh, int64_t t, const 
     v[j] = run.values + j * kKTile * p.k.keep;
     for (int i = 0; i < Heads; ++i) acc[j][i] = _mm512_setzero_ps();
   }
-  const TilePrefetch ahead(p, bh, t, run);
+  const SpreadPrefetch ahead(p.k, p, bh, t, run.tiles * kKTile, R);
   for (int64_t r = 0; r < R; ++r) {
-    ahead.row(r);
+    ahead.step(r);
     __m512bh x[Tiles];
     for (int j = 0; j < Tiles; ++j) x[j] = as_bf16(tile_row<Near>(p.k, run.masks + j * 2 * D, r, v[j]));
     for (int i = 0; i < Heads; ++i) {
@@ -436,11 +440,12 @@ struct HeadAccumulate {
 // The weighted sum by vdpbf16ps, two tokens per instruction: the chunks of tokens t and t + 1 interleaved element by
 // element (vpunpck{l,h}wd, within 128-bit lanes), times the pair (p_t, p_t+1) of bf16 weights. The interleave leaves
 // lane j of `lo` holding element 8 (j / 4) + j % 4 of the chunk and lane j of `hi` element 8 (j / 4) + 4 + j % 4;
-// the accumulators are permuted into that order when loaded and back when stored. pairs: [G][kAttnBlock / 2].
+// the accumulators are permuted into that order when loaded and back when stored. pairs: [G][kAttnBlock / 2];
+// ahead: the next block's V, one step per pair of tokens and chunk.
 template <int Heads>
 struct HeadAccumulateBf16 {
   static bool run(int64_t i0, const AttnProblem& p, int64_t bh, int64_t t0, int64_t n, const uint32_t* pairs,
-                  float* acc, const uint8_t* bits, const int32_t* off) {
+                  float* acc, const uint8_t* bits, const int32_t* off, const SpreadPrefetch* ahead) {
     const KvStream& v = p.v;
     const int64_t D = p.dim, chunks = D / 32;
     const __m512i to_lo = _mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27);
@@ -459,6 +464,7 @@ struct HeadAccumulateBf16 {
         hi[i] = _mm512_permutex2var_ps(a, to_hi, b);
       }
       const auto add_pair = [&](int64_t t, __m512i x, __m512i y) {
+        ahead->step((c * n + t - t0) / 2);
         const __m512bh xy_lo = as_bf16(_mm512_unpacklo_epi16(x, y)), xy_hi = as_bf16(_mm512_unpackhi_epi16(x, y));
         for (int i = 0; i < Heads; ++i) {
           const __m512bh w = as_bf16(_mm512_set1_epi32(static_cast<int>(pairs[i * (kAttnBlock / 2) + t / 2])));
@@ -491,10 +497,8 @@ struct HeadAccumulateBf16 {
   }
 };
 
-// The packed V tokens' value offsets of a block (block_offsets), their rows prefetched a block ahead; false on a bad
-// mask.
+// The packed V tokens' value offsets of a block (block_offsets); false on a bad mask.
 inline bool block_value_offsets(const AttnProblem& p, int64_t bh, int64_t t0, int64_t n, int32_t* off) {
-  for (int64_t t = t0; t < t0 + n; ++t) prefetch_ahead(p.v, p, bh, t);
   return t0 >= p.packed || block_offsets(p.v, bh, t0, std::min(t0 + n, p.packed) - t0, p.dim / 32, off);
 }
 
@@ -538,6 +542,7 @@ struct Avx512 {
                          float*) {
     int32_t off[kAttnBlock * kMaxChunks];
     if (!block_value_offsets(p, bh, t0, n, off)) return false;
+    SpreadPrefetch(p.v, p, bh, t0, n, 1).step(0);  // the next block's V, at once
     const uint8_t* bits = p.v.masks + (bh * p.v.cap_packed + t0) * (p.dim / 8);
     return for_head_groups<HeadAccumulate>(p.G, p, bh, t0, n, s, acc, bits, +off);
   }
@@ -575,7 +580,8 @@ struct Avx512Bf16 {
                             _mm512_permutex2var_epi16(_mm512_castps_si512(a), high_halves, _mm512_castps_si512(b)));
       }
     }
-    return for_head_groups<HeadAccumulateBf16>(p.G, p, bh, t0, n, pairs.data(), acc, bits, +off);
+    const SpreadPrefetch ahead(p.v, p, bh, t0, n, p.dim / 32 * ((n + 1) / 2));
+    return for_head_groups<HeadAccumulateBf16>(p.G, p, bh, t0, n, pairs.data(), acc, bits, +off, &ahead);
   }
 
   static float block_max(const float* s, int64_t n) { return block_max_f32(s, n); }
