@@ -197,28 +197,39 @@ struct TileRun {
   }
 };
 
-// The bytes of stream s's tokens a block ahead of [t, t + tokens) -- their values, then their masks -- asked for a
-// few cache lines per step over the `steps` steps of the work on [t, t + tokens): spread out as prefetch_ahead is
-// token by token (a burst of them at once overflows the miss buffers), in fewer instructions. Where those tokens are
-// not all packed, prefetch_ahead's per-token walk, all at once (once per range).
+// The bytes of stream s's tokens a block ahead of [t, t + tokens) -- packed ones' values, then masks, or dense rows
+// -- asked for a few cache lines per step over the `steps` steps of the work on [t, t + tokens): spread out as
+// prefetch_ahead is token by token (a burst of them at once overflows the miss buffers), in fewer instructions.
+// Where those tokens are partly packed, partly dense or past the end, prefetch_ahead's per-token walk, all at once
+// (once per range).
 struct SpreadPrefetch {
   const char *values = nullptr, *masks = nullptr;
   int64_t value_lines = 0, lines = 0, per_step = 0;
 
   SpreadPrefetch(const KvStream& s, const AttnProblem& p, int64_t bh, int64_t t, int64_t tokens, int64_t steps) {
-    if (t + kAttnBlock + tokens > p.packed) {
-      for (int64_t j = 0; j < tokens; ++j) prefetch_ahead(s, p, bh, t + j);
-      return;
-    }
+    const int64_t ahead = t + kAttnBlock;
     const auto line_of = [](const void* at) {
       return reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(at) & ~uintptr_t{63});
     };
-    const char* v = reinterpret_cast<const char*>(packed_values(s, bh, t + kAttnBlock));
-    const char* m = reinterpret_cast<const char*>(packed_masks(s, bh, t + kAttnBlock, p.dim));
-    values = line_of(v);
-    masks = line_of(m);
-    value_lines = (v + tokens * s.keep * 2 - values + 63) / 64;
-    lines = value_lines + (m + tokens * p.dim / 8 - masks + 63) / 64;
+    const auto count = [](const char* line, const void* from, int64_t bytes) {
+      return (static_cast<const char*>(from) + bytes - line + 63) / 64;
+    };
+    if (ahead + tokens <= p.packed) {
+      const void* v = packed_values(s, bh, ahead);
+      const void* m = packed_masks(s, bh, ahead, p.dim);
+      values = line_of(v);
+      masks = line_of(m);
+      value_lines = count(values, v, tokens * s.keep * 2);
+      lines = value_lines + count(masks, m, tokens * p.dim / 8);
+    } else if (ahead >= p.packed && ahead + tokens <= p.packed + p.tail) {
+      const int64_t size = s.tail_f32 ? 4 : 2;
+      const void* rows = static_cast<const char*>(s.tail) + (bh * s.cap_tail + ahead - p.packed) * p.dim * size;
+      values = line_of(rows);
+      lines = value_lines = count(values, rows, tokens * p.dim * size);
+    } else {
+      for (int64_t j = 0; j < tokens; ++j) prefetch_ahead(s, p, bh, t + j);
+      return;
+    }
     per_step = (lines + steps - 1) / steps;
   }
 
