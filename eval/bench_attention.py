@@ -25,14 +25,17 @@ HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128  # Llama-3-8B
 
 
 def sparse_cache(k: torch.Tensor, v: torch.Tensor, sparsity: float):
-    """(k, v) as the op takes them, every token packed at `sparsity` (0: all tokens dense)."""
+    """(k, v) as the op takes them: every token packed at `sparsity` but the last few that do not fill a K tile,
+    which stay dense (0: all tokens dense)."""
     b, h, t, d = k.shape
-    empty_tail = k.new_zeros((b, h, 0, d))
     if sparsity == 0:
         none = (k.new_zeros((b, h, 0, d)), k.new_zeros((b, h, 0, d // 8), dtype=torch.uint8))
         return (*none, k), (*none, v), 0, t
-    keep = kept_elements(d, sparsity)
-    return (*prune_pack(k, keep, ops.kv_tile()), empty_tail), (*prune_pack(v, keep), empty_tail), t, 0
+    keep, tile = kept_elements(d, sparsity), ops.kv_tile()
+    packed = t // tile * tile
+    k_stream = (*prune_pack(k[:, :, :packed], keep, tile), k[:, :, packed:].contiguous())
+    v_stream = (*prune_pack(v[:, :, :packed], keep), v[:, :, packed:].contiguous())
+    return k_stream, v_stream, packed, t - packed
 
 
 def cache_bytes(stream) -> int:
