@@ -66,7 +66,7 @@ inline Chunk packed_chunk(const KvStream& s, const uint16_t* v, uint32_t bits) {
 
 // A packed token's mask words and where each chunk's values start; false unless it holds exactly `keep` bits.
 inline bool chunk_offsets(const KvStream& s, int64_t bh, int64_t t, int64_t chunks, uint32_t* bits, int32_t* off) {
-  const uint8_t* mask = s.masks + (bh * s.cap_packed + t) * chunks * 4;
+  const uint8_t* mask = packed_masks(s, bh, t, 32 * chunks);
   int32_t used = 0;
   for (int64_t c = 0; c < chunks; ++c) {
     std::memcpy(&bits[c], mask + 4 * c, 4);
@@ -90,7 +90,7 @@ inline __m512i popcount32(__m512i v) {
 // where they lie. Sixteen words per step for 2 or 4 chunks (prefix sums within 64- or 128-bit lanes), chunk_offsets
 // token by token otherwise. False unless every token holds exactly `keep` bits.
 inline bool block_offsets(const KvStream& s, int64_t bh, int64_t t0, int64_t n, int64_t chunks, int32_t* off) {
-  const uint8_t* masks = s.masks + (bh * s.cap_packed + t0) * chunks * 4;
+  const uint8_t* masks = packed_masks(s, bh, t0, 32 * chunks);
   const int64_t words = n * chunks;
   if (chunks != 2 && chunks != 4) {
     uint32_t bits[kMaxChunks];
@@ -423,7 +423,7 @@ struct HeadAccumulate {
           hi[i] = _mm512_fmadd_ps(w, x.hi, hi[i]);
         }
       };
-      const uint16_t* values = v.values + (bh * v.cap_packed + t0) * v.keep;
+      const uint16_t* values = packed_values(v, bh, t0);
       for (int64_t t = t0, j = c; t < split; ++t, j += chunks, values += v.keep) {
         uint32_t word;
         std::memcpy(&word, bits + 4 * j, 4);
@@ -466,7 +466,7 @@ struct HeadAccumulateBf16 {
     const int64_t end = t0 + n, split = std::clamp(p.packed, t0, end);
     pairs += i0 * (kAttnBlock / 2) - t0 / 2;  // t0 is even: ranges start on block boundaries
     acc += i0 * D;
-    const uint16_t* values = v.values + (bh * v.cap_packed + t0) * v.keep;
+    const uint16_t* values = packed_values(v, bh, t0);
     for (int64_t c = 0; c < chunks; ++c) {
       __m512 lo[Heads], hi[Heads];
       for (int i = 0; i < Heads; ++i) {
@@ -554,7 +554,7 @@ struct Avx512 {
     int32_t off[kAttnBlock * kMaxChunks];
     if (!block_value_offsets(p, bh, t0, n, off)) return false;
     SpreadPrefetch(p.v, p, bh, t0, n, 1).step(0);  // the next block's V, at once
-    const uint8_t* bits = p.v.masks + (bh * p.v.cap_packed + t0) * (p.dim / 8);
+    const uint8_t* bits = packed_masks(p.v, bh, t0, p.dim);
     return for_head_groups<HeadAccumulate>(p.G, p, bh, t0, n, s, acc, bits, +off);
   }
 
@@ -573,7 +573,7 @@ struct Avx512Bf16 {
                          float*) {
     int32_t off[kAttnBlock * kMaxChunks];
     if (!block_value_offsets(p, bh, t0, n, off)) return false;
-    const uint8_t* bits = p.v.masks + (bh * p.v.cap_packed + t0) * (p.dim / 8);
+    const uint8_t* bits = packed_masks(p.v, bh, t0, p.dim);
     // (p_t, p_t+1) as a bf16 pair (the high halves of the rounded fp32 weights), 32 tokens per step, 0 past the end.
     thread_local std::vector<uint32_t> pairs;
     pairs.resize(p.G * (kAttnBlock / 2));

@@ -6,7 +6,8 @@
 //   Isa::accumulate(p, bh, t0, n, s, acc, scratch)  acc_i += sum_t s[i][t] * V_t
 //   Isa::block_max(s, n)                            the largest of s[0, n)
 //   Isa::exp_shifted(s, n, shift)                   s[t] = exp(s[t] - shift), exp(-inf) = 0; returns the sum
-// the first two false on a packed token whose mask does not hold `keep` bits; scratch: kRowsBlock x dim floats.
+// the first two false on a packed V token (K tile) whose mask does not hold `keep` (kKTile x `keep`) bits; scratch:
+// kRowsBlock x dim floats.
 // A path that expands rows to fp32 first gets the first two from RowsFirst below.
 #include <algorithm>
 #include <cmath>
