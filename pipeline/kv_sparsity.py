@@ -112,9 +112,8 @@ def unpack(values: Tensor, masks: Tensor, tile: int | None = None) -> Tensor:
         return torch.zeros(bits.shape, dtype=values.dtype, device=values.device).masked_scatter_(bits, values)
     *lead, n, nbytes = masks.shape
     d = nbytes * 8
-    bits = unpack_bits(masks.reshape(*lead, n // tile, d // 2, tile // 4)).reshape(*lead, n // tile, d // 2, tile, 2)
-    rows = torch.zeros(bits.shape, dtype=values.dtype, device=values.device).masked_scatter_(bits, values)
-    return rows.transpose(-3, -2).reshape(*lead, n, d)
+    rows = unpack(values, masks.reshape(*lead, n // tile, d // 2, tile // 4))  # each pair row's mask word, unpacked
+    return rows.reshape(*lead, n // tile, d // 2, tile, 2).transpose(-3, -2).reshape(*lead, n, d)
 
 
 def _pair_rows(x: Tensor, tile: int) -> Tensor:
