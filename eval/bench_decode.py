@@ -408,8 +408,12 @@ def measured_bandwidth(threads: int, working_set_gib: float) -> float:
 
     from .bench_kernels import read_bandwidth
 
+    before = torch.get_num_threads()
     torch.set_num_threads(threads)
-    return read_bandwidth(working_set_gib, 3) / 1e9
+    try:
+        return read_bandwidth(working_set_gib, 3) / 1e9
+    finally:  # main() may run in a caller's process (the tests): leave its thread count as it was
+        torch.set_num_threads(before)
 
 
 def run_all(args) -> list[dict]:

@@ -53,6 +53,18 @@ def tiny_model_dir(tmp_path_factory, smol_tokenizer) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def keeps_torch_threads(request):
+    """A test that changes torch's thread count must put it back: every later test of the session (the end-to-end
+    ones, most of the suite's time) would otherwise run on what it left."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        left = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        pytest.fail(f"{request.node.nodeid} left torch at {left} threads (was {threads})")
+
+
 _RESULTS: list[str] = []
 
 
