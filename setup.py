@@ -10,6 +10,16 @@ from pathlib import Path
 from setuptools import setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
+
+class BuildExtensionInPlace(BuildExtension):
+    """One object folder beside the sources for every build, an editable install's (which setuptools would give a
+    fresh temporary folder each time) and a wheel's: ninja then compiles only what changed since any of them."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        self.build_temp = str(Path(__file__).resolve().parent / "build" / "objects")
+
+
 CSRC = sorted(str(p) for p in Path("kernels/csrc").glob("*.cpp"))
 
 setup(
@@ -39,7 +49,7 @@ setup(
             py_limited_api=True,
         )
     ],
-    cmdclass={"build_ext": BuildExtension},
+    cmdclass={"build_ext": BuildExtensionInPlace},
     options={"bdist_wheel": {"py_limited_api": "cp310"}},
     entry_points={"console_scripts": ["sparamx=sparamx.cli:main"]},
     # The llama.cpp peer of `make bench`; `make install-bench` builds it for the CPU, with AMX off.

@@ -43,6 +43,13 @@ def amx_min_rows() -> int:
 
 
 @functools.cache
+def int8_gemm_rows() -> int:
+    """From how many rows of x the AVX-512 path runs int8 weights on torch's int8 GEMM; 0 where that GEMM does not
+    give exact integer dot products in this process (oneDNN held below VNNI), and the kernel runs at every M."""
+    return torch.ops.sparamx.int8_gemm_rows.default()
+
+
+@functools.cache
 def path_needs(path: str) -> frozenset[str]:
     """The CPU features kernel path `path` needs."""
     return frozenset(torch.ops.sparamx.kernel_path_needs.default(path))

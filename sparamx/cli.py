@@ -151,6 +151,12 @@ def cmd_info(args) -> int:
         missing = cpu_paths.missing_features(path)
         print(f"  {path:<9} {'available' if not missing else 'needs ' + missing}")
     print(f"kernel paths available: {', '.join(cpu_paths.available_isas())}; chosen: {cpu_paths.describe_isa()}")
+    gemm = cpu_paths.int8_gemm_rows()
+    print(
+        f"int8 prefill on avx512: torch's int8 GEMM from {gemm} rows of x"
+        if gemm
+        else "int8 prefill on avx512: our kernel (torch's int8 GEMM is not exact in this process)"
+    )
     runs_on = "our kernels" if cpu_paths.kernels_preferred() else "torch, unpacked (SPARAMX_ISA=reference runs ours)"
     print(f"sparamx.load runs packed linears on {runs_on}")
     if "amx_tile" not in features:

@@ -6,7 +6,8 @@
 // integer dot products exactly, so all give the same numbers.
 // isa=auto: AMX tiles from kAmxRows activation rows on where the CPU has them, else AVX-512, else AVX2, else the
 // reference path; a forced isa runs that path at every M. From kGemmRows activation rows on (prefill), outside AMX,
-// bf16 weights are unpacked slab by slab and multiplied by torch's fp32 GEMM instead. Reference path: the dense
+// bf16 weights are unpacked slab by slab and multiplied by torch's fp32 GEMM instead, and from kInt8GemmRows on the
+// AVX-512 path's int8 weights by torch's int8 GEMM. Reference path: the dense
 // weight rebuilt and multiplied in fp32 (bf16) or exactly in fp64 (int8): the same numbers up to summation order.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -37,6 +38,12 @@ namespace {
 // M. Measured side by side (Llama-3-8B shapes, 50%): at M = 16 the kernel runs 1.4-1.7x torch bf16 where fp32 GEMM
 // runs 0.9x; at M = 64 the GEMM path runs 1.13-1.17x where the kernel ran 0.88-1.16x (down_proj the slowest).
 constexpr int64_t kGemmRows = 64;
+// From this many activation rows on (prefill), int8 weights on the AVX-512 path are unpacked slab by slab to dense
+// int8 and multiplied by torch's int8 GEMM (at::_int_mm, oneDNN's VNNI kernels): the same exact integer dot products
+// as the kernel, so the same numbers. Measured side by side on 2 cores (AVX-512 Zen 4, weights in cache): SmolLM2's
+// shapes 3-4x the kernel from M = 32 on; Llama-3-8B's (4096x4096, 14336x4096, bitmap 50%) 1.5x at M = 128 but 0.8x
+// at M = 64, where the dense int8 weight (twice the bitmap's bytes) is read for too few rows.
+constexpr int64_t kInt8GemmRows = 128;
 // From this many activation rows on, where the CPU has AMX, isa=auto runs the tile path (linear_amx.cpp). Measured
 // side by side on a 16-core Xeon with AMX (4096x4096 and 14336x4096, bitmap 50% and dense, 2 and 16 threads, weights
 // in cache): at M = 4 the AVX-512 kernel won 10 of 12 cases; at M = 8 the tiles ran 1.5-2.2x it for bf16 and
@@ -48,29 +55,105 @@ using UnpackFn = bool (*)(const Problem&, int64_t, float*);
 
 constexpr const char* kDisagree = ": the masks' popcounts disagree with block_offsets / values";
 
-// Prefill with bf16 weights: y^T = W x^T slab by slab, each slab of output rows unpacked to fp32 into a buffer that
-// stays in L2 and multiplied by torch's fp32 GEMM, so the dense weight never exists whole.
+// Prefill with bf16 weights: y = x W^T slab by slab, each slab of output rows unpacked to fp32 into a buffer that
+// stays in L2 and multiplied by torch's fp32 GEMM straight into its columns of y, so the dense weight never exists
+// whole. (x W^T into y's columns ran 1.2-1.6x W x^T into y^T and a transpose, SmolLM2's lm_head the slowest.)
 at::Tensor unpack_gemm(const char* op, const Problem& p, int64_t NB, const at::Tensor& xf, UnpackFn unpack) {
-  constexpr int64_t kSlabBlocks = 64;  // 256 rows: 4 MiB of fp32 at K = 4096
-  at::Tensor yt = at::empty({NB * kRows, p.M}, xf.options());
-  at::Tensor slab = at::empty({kSlabBlocks * kRows, p.Kp}, xf.options());
+  constexpr int64_t kSlabBytes = 4 << 20;
+  const int64_t slab_blocks = std::max<int64_t>(1, kSlabBytes / (kRows * p.Kp * 4));
+  at::Tensor y = at::empty({p.M, p.N}, xf.options());
+  at::Tensor slab = at::empty({std::min(NB, slab_blocks) * kRows, p.Kp}, xf.options());
   float* buf = slab.data_ptr<float>();
-  for (int64_t s0 = 0; s0 < NB; s0 += kSlabBlocks) {
-    const int64_t s1 = std::min(NB, s0 + kSlabBlocks);
+  for (int64_t s0 = 0; s0 < NB; s0 += slab_blocks) {
+    const int64_t s1 = std::min(NB, s0 + slab_blocks), n0 = s0 * kRows;
     std::atomic<bool> ok{true};
     at::parallel_for(s0, s1, 4, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
-        if (!unpack(p, b, buf - s0 * kRows * p.Kp)) ok = false;  // block b lands at row (b - s0) * kRows of the slab
+        if (!unpack(p, b, buf - n0 * p.Kp)) ok = false;  // block b lands at row b * kRows - n0 of the slab
       }
     });
     TORCH_CHECK(ok.load(), op, kDisagree);
-    const int64_t rows = (s1 - s0) * kRows;
-    at::Tensor out = yt.narrow(0, s0 * kRows, rows);  // contiguous: whole rows of y^T
-    at::mm_out(out, slab.narrow(0, 0, rows), xf.t());
+    const int64_t rows = std::min(p.N, s1 * kRows) - n0;
+    at::Tensor out = y.narrow(1, n0, rows);
+    at::mm_out(out, xf, slab.narrow(0, 0, rows).t());
   }
-  at::Tensor y = yt.narrow(0, 0, p.N).t();
-  if (p.bias) y = y + at::from_blob(const_cast<float*>(p.bias), {p.N}, xf.options());
-  return y.contiguous();
+  if (p.bias) y.add_(at::from_blob(const_cast<float*>(p.bias), {p.N}, xf.options()));
+  return y;
+}
+
+// Whether at::_int_mm gives exact int32 dot products in this process. oneDNN's int8 kernels for CPUs without VNNI add
+// pairs of uint8 x int8 products in saturating int16 (vpmaddubsw), as they do where ONEDNN_MAX_CPU_ISA holds oneDNN
+// below VNNI; checked once, on products that saturate there (127 * 127 + 128 * 127 > 32767).
+bool int_mm_is_exact() {
+  static const bool exact = [] {
+    constexpr int64_t M = kInt8GemmRows, N = 16, K = 64;
+    const auto opts = at::TensorOptions().dtype(at::kChar);
+    at::Tensor a = at::empty({M, K}, opts), b = at::empty({N, K}, opts);
+    int8_t* ap = a.data_ptr<int8_t>();
+    int8_t* bp = b.data_ptr<int8_t>();
+    for (int64_t i = 0; i < M * K; ++i) ap[i] = (i % 3 == 1) ? -128 : 127;
+    for (int64_t i = 0; i < N * K; ++i) bp[i] = (i % 5 == 2) ? -127 : 127;
+    const at::Tensor dots = at::_int_mm(a, b.t()).contiguous();
+    const int32_t* dp = dots.const_data_ptr<int32_t>();
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t n = 0; n < N; ++n) {
+        int64_t want = 0;
+        for (int64_t k = 0; k < K; ++k) want += int64_t{ap[m * K + k]} * bp[n * K + k];
+        if (dp[m * N + n] != want) return false;
+      }
+    }
+    return true;
+  }();
+  return exact;
+}
+
+// Prefill with int8 weights: y = x W^T slab by slab, each slab of output rows unpacked to dense int8 (it stays in L2)
+// and multiplied by at::_int_mm with x shifted to int8 (q - 128, given back as 128 times the row's weight sum), then
+// the epilogue every path shares, on the same exact integer dot products.
+at::Tensor int8_gemm(const char* op, Problem p, int64_t NB, const at::Tensor& xq) {
+  constexpr int64_t kSlabBytes = 2 << 20;
+  const int64_t slab_blocks = std::max<int64_t>(1, kSlabBytes / (kRows * p.Kp));
+  const auto opts = xq.options();
+  at::Tensor xs = at::empty({p.M, p.Kp}, opts.dtype(at::kChar));
+  const uint8_t* qp = xq.const_data_ptr<uint8_t>();
+  int8_t* sp = xs.data_ptr<int8_t>();
+  at::parallel_for(0, p.M * p.Kp, 1 << 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) sp[i] = static_cast<int8_t>(qp[i] ^ 0x80);
+  });
+  at::Tensor y = at::empty({p.M, p.N}, opts.dtype(at::kFloat));
+  p.y = y.data_ptr<float>();
+  at::Tensor slab = at::empty({std::min(NB, slab_blocks) * kRows, p.Kp}, opts.dtype(at::kChar));
+  int8_t* buf = slab.data_ptr<int8_t>();
+  for (int64_t s0 = 0; s0 < NB; s0 += slab_blocks) {
+    const int64_t s1 = std::min(NB, s0 + slab_blocks), n0 = s0 * kRows, rows = (s1 - s0) * kRows;
+    std::atomic<bool> ok{true};
+    at::parallel_for(s0, s1, 4, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        if (!avx512_unpack_int8_block(p, b, buf - n0 * p.Kp)) ok = false;  // block b lands at row b * kRows - n0
+      }
+    });
+    TORCH_CHECK(ok.load(), op, kDisagree);
+    const at::Tensor dots = at::_int_mm(xs, slab.narrow(0, 0, rows).t()).contiguous();
+    const int32_t* dp = dots.const_data_ptr<int32_t>();
+    const int64_t width = std::min(p.N, n0 + rows) - n0;
+    const int32_t* rs = p.row_sums + n0;
+    const float* ws = p.weight_scale + n0;
+    const float* bias = p.bias ? p.bias + n0 : nullptr;
+    at::parallel_for(0, p.M, 16, [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) {  // store_output's arithmetic in its order, in a loop that vectorizes
+        const int32_t* d = dp + m * rows;
+        float* out = p.y + m * p.N + n0;
+        const int32_t z = p.x_zero[m] - 128;
+        const float xscale = p.x_scale[m];
+#pragma omp simd
+        for (int64_t j = 0; j < width; ++j) {
+          const float v = xscale * ws[j] * static_cast<float>(d[j] - z * rs[j]);
+          out[j] = bias ? v + bias[j] : v;
+        }
+      }
+    });
+  }
+  return y;
 }
 
 // The blocks split over the threads by nonzeros; each output is computed by one thread in a fixed order.
@@ -102,6 +185,8 @@ bool quantize_rows(const T* xp, int64_t M, int64_t K, int64_t Kp, bool symmetric
     for (int64_t m = m0; m < m1; ++m) {
       const T* row = xp + m * K;  // read as float element by element: bf16 widens exactly
       float lo = 0.0f, hi = 0.0f, poison = 0.0f;  // poison: inf * 0 and nan * 0 are nan
+      // Vectorized whatever the order: min, max and a nan-or-zero sum do not depend on it.
+#pragma omp simd reduction(min : lo) reduction(max : hi) reduction(+ : poison)
       for (int64_t k = 0; k < K; ++k) {
         const float v = static_cast<float>(row[k]);
         poison += v * 0.0f;
@@ -116,8 +201,10 @@ bool quantize_rows(const T* xp, int64_t M, int64_t K, int64_t Kp, bool symmetric
       if (s == 0.0f) s = 1.0f;
       const float z = symmetric ? 128.0f : std::min(255.0f, std::max(0.0f, round_even(-lo / s)));
       uint8_t* q = qp + m * Kp;
-      for (int64_t k = 0; k < K; ++k) {
-        q[k] = static_cast<uint8_t>(std::min(255.0f, std::max(0.0f, round_even(static_cast<float>(row[k]) / s) + z)));
+#pragma omp simd
+      for (int64_t k = 0; k < K; ++k) {  // clamped to [0, 255] by selects (a branch would stop the vectorizing)
+        const float t = round_even(static_cast<float>(row[k]) / s) + z;
+        q[k] = static_cast<uint8_t>(static_cast<int32_t>(t < 0.0f ? 0.0f : (t > 255.0f ? 255.0f : t)));
       }
       std::memset(q + K, 0, Kp - K);
       sp[m] = s;
@@ -387,6 +474,8 @@ at::Tensor run_linear(const at::Tensor& x, const Weights& w, const std::optional
     if (w.masks.defined()) check_masks_agree(w, NB, KC, C);
     y = reference_linear(x2d, w, p, xq);
     if (bias32.defined()) y.add_(bias32);
+  } else if (int8 && M >= kInt8GemmRows && path == KernelPath::kAvx512 && int_mm_is_exact()) {
+    y = int8_gemm(op, p, NB, xq);
   } else if (!int8 && M >= kGemmRows && path != KernelPath::kAmx) {
     y = unpack_gemm(op, p, NB, widen_x(x2d, KC * C, C, false),
                     path == KernelPath::kAvx512 ? &avx512_unpack_block : &avx2_unpack_block);
@@ -416,6 +505,8 @@ at::Tensor to_dtype(const at::Tensor& result, at::ScalarType dtype) {
 }
 
 int64_t amx_min_rows() { return kAmxRows; }
+
+int64_t int8_gemm_rows() { return int_mm_is_exact() ? kInt8GemmRows : 0; }
 
 std::vector<int64_t> split_blocks(const int64_t* block_offsets, int64_t NB, int64_t parts) {
   std::vector<int64_t> bounds(parts + 1, NB);

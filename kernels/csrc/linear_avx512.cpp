@@ -141,6 +141,34 @@ bool unpack_rows(const Problem& p, int64_t b, float* out) {
   return !Sparse || v == end;
 }
 
+// int8 block b as rows [b*kRows, b*kRows + kRows) of `out` (row stride Kp bytes, zeros where no weight is kept), for
+// the int8 prefill GEMM.
+template <bool Sparse>
+bool unpack_int8_rows(const Problem& p, int64_t b, int8_t* out) {
+  const uint8_t* v = Sparse ? p.values + p.block_offsets[b] : p.values + b * p.KC * kRows * 64;
+  const uint8_t* end = Sparse ? p.values + p.block_offsets[b + 1] : nullptr;
+  const uint8_t* mk = Sparse ? p.masks + b * p.KC * kRows * 8 : nullptr;
+  for (int64_t c = 0; c < p.KC; ++c) {
+    for (int r = 0; r < kRows; ++r) {
+      __m512i w;
+      if constexpr (Sparse) {
+        uint64_t bits;
+        std::memcpy(&bits, mk + r * 8, 8);
+        const int64_t count = __builtin_popcountll(bits);
+        if (v + count > end) return false;
+        w = _mm512_maskz_expand_epi8(bits, _mm512_loadu_si512(v));  // values end with a register of slack
+        v += count;
+      } else {
+        w = _mm512_loadu_si512(v);
+        v += 64;
+      }
+      _mm512_storeu_si512(out + (b * kRows + r) * p.Kp + c * 64, w);
+    }
+    if constexpr (Sparse) mk += kRows * 8;
+  }
+  return !Sparse || v == end;
+}
+
 SPARAMX_ISA_END
 
 struct Avx512 {
@@ -159,5 +187,9 @@ struct Avx512 {
 bool avx512_blocks(const Problem& p, int64_t b0, int64_t b1) { return walk_blocks<Avx512>(p, b0, b1); }
 
 bool avx512_unpack_block(const Problem& p, int64_t b, float* out) { return unpack_block<Avx512>(p, b, out); }
+
+bool avx512_unpack_int8_block(const Problem& p, int64_t b, int8_t* out) {
+  return p.masks ? unpack_int8_rows<true>(p, b, out) : unpack_int8_rows<false>(p, b, out);
+}
 
 }  // namespace sparamx

@@ -51,11 +51,19 @@ bool avx2_blocks(const Problem& p, int64_t b0, int64_t b1);
 bool avx512_unpack_block(const Problem& p, int64_t b, float* out);
 bool avx2_unpack_block(const Problem& p, int64_t b, float* out);
 
+// int8 block b as rows [b*kRows, b*kRows + kRows) of `out` (row stride Kp bytes, natural column order, zeros where
+// no weight is kept), for the int8 prefill GEMM. False as above.
+bool avx512_unpack_int8_block(const Problem& p, int64_t b, int8_t* out);
+
 // y for every row of x on AMX tiles (x packed as B tiles); false as above.
 bool amx_linear(const Problem& p);
 
 // From how many rows of x isa=auto runs the AMX tiles where the CPU has them (kAmxRows of linear.cpp).
 int64_t amx_min_rows();
+
+// From how many rows of x the AVX-512 path runs int8 weights on torch's int8 GEMM (kInt8GemmRows of linear.cpp); 0
+// where that GEMM does not give exact dot products in this process.
+int64_t int8_gemm_rows();
 
 // Block ranges [bounds[t], bounds[t+1]) holding equal shares of the nonzeros (equal block counts when
 // block_offsets is null), so threads finish together whatever the per-row sparsity.

@@ -63,4 +63,7 @@ TORCH_LIBRARY(sparamx, m) {
   m.def("kv_tile() -> int", []() -> int64_t { return sparamx::kKTile; });
   // From how many rows of x isa=auto runs the AMX tiles (where the CPU has them).
   m.def("amx_min_rows() -> int", &sparamx::amx_min_rows);
+  // From how many rows of x the AVX-512 path multiplies int8 weights by torch's int8 GEMM; 0 where that GEMM is not
+  // exact in this process (then the kernel runs at every M).
+  m.def("int8_gemm_rows() -> int", &sparamx::int8_gemm_rows);
 }

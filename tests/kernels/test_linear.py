@@ -1,6 +1,11 @@
 """The four linear formats (bitmap / dense x bf16 / int8) against Python references, on every kernel path: those
 this CPU has, natively, and the AVX-512 and AMX ones also in the emulated build (emulated.py) on any CPU."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from emulated import EMULATED_PATHS, emulated_ops  # tests/kernels/emulated.py
@@ -15,6 +20,7 @@ FORMATS = ("bitmap bf16", "bitmap int8", "dense bf16", "dense int8")
 SHAPES = [(576, 576), (33, 7), (1000, 17), (31, 4), (64, 9), (100, 50), (1, 3), (4096, 5), (129, 1)]  # (K, N)
 SPARSITIES = [0.0, 0.3, 0.5, 0.9, 1.0]
 MS = [1, 2, 3, 16, 17, 64, 300]
+PREFILL_ROWS = 150  # past every path's prefill threshold (kernels/csrc/linear.cpp: kGemmRows, kInt8GemmRows)
 
 
 def random_weight(n, k, sparsity, seed=0):
@@ -146,6 +152,37 @@ def test_int8_extremes_never_saturate(isa, fmt):
     q, sx, z = quantize_activations(x)
     assert q.min() == 0 and q.max() == 255
     assert y[1, 2] == pytest.approx(sx[1].item() * 255 * 127 * k, rel=1e-6)  # 255 * 127 * 4099 ~ 1.3e8 in int32
+    # As many rows as prefill: the AVX-512 path's int8 GEMM (cpu_paths.int8_gemm_rows) gives each row bit for bit.
+    rows = x.repeat(PREFILL_ROWS // 3 + 1, 1)[:PREFILL_ROWS]
+    assert torch.equal(case.run(rows, isa)[:3], y)
+
+
+INT8_GEMM_OFF = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from test_linear import PREFILL_ROWS, Case, random_weight
+from sparamx.kernels import cpu_paths
+assert cpu_paths.int8_gemm_rows() == 0, cpu_paths.int8_gemm_rows()  # the probe saw torch's int8 GEMM saturate
+for fmt in ("bitmap int8", "dense int8"):
+    case = Case(fmt, random_weight(70, 300, 0.5), torch.randn(70))
+    x = torch.randn(PREFILL_ROWS, 300) * 4
+    y = case.run(x, "avx512")
+    case.check(x, y)
+    assert torch.equal(y[:2], case.run(x[:2], "avx512"))
+print("ok")
+"""
+
+
+@pytest.mark.skipif("avx512" not in ISAS, reason="the AVX-512 path is what multiplies int8 weights by torch's GEMM")
+def test_int8_prefill_falls_back_to_the_kernel_where_torch_int8_gemm_saturates():
+    """oneDNN held below VNNI (ONEDNN_MAX_CPU_ISA=AVX2) adds u8 x s8 pairs in saturating int16: the probe must turn
+    the int8 GEMM off, and prefill rows run on the kernel, exact. With oneDNN free, the GEMM is on (and exact: the
+    grids above run it from PREFILL_ROWS rows on)."""
+    assert cpu_paths.int8_gemm_rows() > 0
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    script = INT8_GEMM_OFF.format(tests=str(Path(__file__).parent))
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-2000:]
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
