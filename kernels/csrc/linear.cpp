@@ -55,29 +55,56 @@ using UnpackFn = bool (*)(const Problem&, int64_t, float*);
 
 constexpr const char* kDisagree = ": the masks' popcounts disagree with block_offsets / values";
 
+// Blocks [s0, s1) unpacked into `slab` (block s0's first row at its row 0) by `unpack(p, b, out)`, which writes
+// block b at row b * kRows of `out`.
+template <typename T, typename Unpack>
+void unpack_slab(const char* op, const Problem& p, int64_t s0, int64_t s1, T* slab, Unpack unpack) {
+  std::atomic<bool> ok{true};
+  at::parallel_for(s0, s1, 4, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      if (!unpack(p, b, slab - s0 * kRows * p.Kp)) ok = false;
+    }
+  });
+  TORCH_CHECK(ok.load(), op, kDisagree);
+}
+
+// Blocks per slab of unpacked weights: about `bytes` of them, so the slab stays in L2 while a GEMM reads it.
+int64_t slab_blocks(const Problem& p, int64_t bytes, int64_t value_bytes) {
+  return std::max<int64_t>(1, bytes / (kRows * p.Kp * value_bytes));
+}
+
 // Prefill with bf16 weights: y = x W^T slab by slab, each slab of output rows unpacked to fp32 into a buffer that
 // stays in L2 and multiplied by torch's fp32 GEMM straight into its columns of y, so the dense weight never exists
 // whole. (x W^T into y's columns ran 1.2-1.6x W x^T into y^T and a transpose, SmolLM2's lm_head the slowest.)
 at::Tensor unpack_gemm(const char* op, const Problem& p, int64_t NB, const at::Tensor& xf, UnpackFn unpack) {
-  constexpr int64_t kSlabBytes = 4 << 20;
-  const int64_t slab_blocks = std::max<int64_t>(1, kSlabBytes / (kRows * p.Kp * 4));
+  const int64_t per_slab = slab_blocks(p, 4 << 20, 4);
   at::Tensor y = at::empty({p.M, p.N}, xf.options());
-  at::Tensor slab = at::empty({std::min(NB, slab_blocks) * kRows, p.Kp}, xf.options());
-  float* buf = slab.data_ptr<float>();
-  for (int64_t s0 = 0; s0 < NB; s0 += slab_blocks) {
-    const int64_t s1 = std::min(NB, s0 + slab_blocks), n0 = s0 * kRows;
-    std::atomic<bool> ok{true};
-    at::parallel_for(s0, s1, 4, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        if (!unpack(p, b, buf - n0 * p.Kp)) ok = false;  // block b lands at row b * kRows - n0 of the slab
-      }
-    });
-    TORCH_CHECK(ok.load(), op, kDisagree);
-    const int64_t rows = std::min(p.N, s1 * kRows) - n0;
+  at::Tensor slab = at::empty({std::min(NB, per_slab) * kRows, p.Kp}, xf.options());
+  for (int64_t s0 = 0; s0 < NB; s0 += per_slab) {
+    const int64_t s1 = std::min(NB, s0 + per_slab), n0 = s0 * kRows, rows = std::min(p.N, s1 * kRows) - n0;
+    unpack_slab(op, p, s0, s1, slab.data_ptr<float>(), unpack);
     at::Tensor out = y.narrow(1, n0, rows);
     at::mm_out(out, xf, slab.narrow(0, 0, rows).t());
   }
   if (p.bias) y.add_(at::from_blob(const_cast<float*>(p.bias), {p.N}, xf.options()));
+  return y;
+}
+
+// Prefill with bf16 weights and bf16 x, without bias, on the AVX-512 path: y = x W^T slab by slab on torch's bf16
+// GEMM (oneDNN's AVX-512 BF16 kernels: the products summed in fp32 and rounded to bf16 once, as the kernels round),
+// each slab of output rows unpacked to bf16.
+at::Tensor bf16_gemm(const char* op, const Problem& p, int64_t NB, const at::Tensor& x2d) {
+  const int64_t per_slab = slab_blocks(p, 2 << 20, 2);
+  const at::Tensor xb = x2d.size(1) == p.Kp ? x2d : at::constant_pad_nd(x2d, {0, p.Kp - x2d.size(1)}, 0);
+  at::Tensor y = at::empty({p.M, p.N}, x2d.options());
+  at::Tensor slab = at::empty({std::min(NB, per_slab) * kRows, p.Kp}, x2d.options());
+  for (int64_t s0 = 0; s0 < NB; s0 += per_slab) {
+    const int64_t s1 = std::min(NB, s0 + per_slab), n0 = s0 * kRows, rows = std::min(p.N, s1 * kRows) - n0;
+    unpack_slab(op, p, s0, s1, slab.data_ptr<c10::BFloat16>(),
+                [](const Problem& q, int64_t b, c10::BFloat16* out) { return avx512_unpack_raw_block(q, b, out); });
+    at::Tensor out = y.narrow(1, n0, rows);
+    at::mm_out(out, xb, slab.narrow(0, 0, rows).t());
+  }
   return y;
 }
 
@@ -111,8 +138,7 @@ bool int_mm_is_exact() {
 // and multiplied by at::_int_mm with x shifted to int8 (q - 128, given back as 128 times the row's weight sum), then
 // the epilogue every path shares, on the same exact integer dot products.
 at::Tensor int8_gemm(const char* op, Problem p, int64_t NB, const at::Tensor& xq) {
-  constexpr int64_t kSlabBytes = 2 << 20;
-  const int64_t slab_blocks = std::max<int64_t>(1, kSlabBytes / (kRows * p.Kp));
+  const int64_t per_slab = slab_blocks(p, 2 << 20, 1);
   const auto opts = xq.options();
   at::Tensor xs = at::empty({p.M, p.Kp}, opts.dtype(at::kChar));
   const uint8_t* qp = xq.const_data_ptr<uint8_t>();
@@ -122,17 +148,11 @@ at::Tensor int8_gemm(const char* op, Problem p, int64_t NB, const at::Tensor& xq
   });
   at::Tensor y = at::empty({p.M, p.N}, opts.dtype(at::kFloat));
   p.y = y.data_ptr<float>();
-  at::Tensor slab = at::empty({std::min(NB, slab_blocks) * kRows, p.Kp}, opts.dtype(at::kChar));
-  int8_t* buf = slab.data_ptr<int8_t>();
-  for (int64_t s0 = 0; s0 < NB; s0 += slab_blocks) {
-    const int64_t s1 = std::min(NB, s0 + slab_blocks), n0 = s0 * kRows, rows = (s1 - s0) * kRows;
-    std::atomic<bool> ok{true};
-    at::parallel_for(s0, s1, 4, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        if (!avx512_unpack_int8_block(p, b, buf - n0 * p.Kp)) ok = false;  // block b lands at row b * kRows - n0
-      }
-    });
-    TORCH_CHECK(ok.load(), op, kDisagree);
+  at::Tensor slab = at::empty({std::min(NB, per_slab) * kRows, p.Kp}, opts.dtype(at::kChar));
+  for (int64_t s0 = 0; s0 < NB; s0 += per_slab) {
+    const int64_t s1 = std::min(NB, s0 + per_slab), n0 = s0 * kRows, rows = (s1 - s0) * kRows;
+    unpack_slab(op, p, s0, s1, slab.data_ptr<int8_t>(),
+                [](const Problem& q, int64_t b, int8_t* out) { return avx512_unpack_raw_block(q, b, out); });
     const at::Tensor dots = at::_int_mm(xs, slab.narrow(0, 0, rows).t()).contiguous();
     const int32_t* dp = dots.const_data_ptr<int32_t>();
     const int64_t width = std::min(p.N, n0 + rows) - n0;
@@ -476,6 +496,9 @@ at::Tensor run_linear(const at::Tensor& x, const Weights& w, const std::optional
     if (bias32.defined()) y.add_(bias32);
   } else if (int8 && M >= kInt8GemmRows && path == KernelPath::kAvx512 && int_mm_is_exact()) {
     y = int8_gemm(op, p, NB, xq);
+  } else if (!int8 && M >= kGemmRows && path == KernelPath::kAvx512 && x2d.scalar_type() == at::kBFloat16 &&
+             !p.bias) {
+    y = bf16_gemm(op, p, NB, x2d);
   } else if (!int8 && M >= kGemmRows && path != KernelPath::kAmx) {
     y = unpack_gemm(op, p, NB, widen_x(x2d, KC * C, C, false),
                     path == KernelPath::kAvx512 ? &avx512_unpack_block : &avx2_unpack_block);
@@ -498,7 +521,7 @@ at::Tensor run_linear(const at::Tensor& x, const Weights& w, const std::optional
 // fp32 `result` in `dtype` (fp32 or bf16): bf16 rounded to nearest even as Tensor.to rounds, in one loop.
 at::Tensor to_dtype(const at::Tensor& result, at::ScalarType dtype) {
   const at::Tensor y = result.contiguous();
-  if (dtype == at::kFloat) return y;
+  if (y.scalar_type() == dtype) return y;  // fp32 asked, or bf16 already (the bf16 prefill GEMM)
   at::Tensor out = at::empty(y.sizes(), y.options().dtype(dtype));
   round_to_bf16(y.const_data_ptr<float>(), out.data_ptr<c10::BFloat16>(), y.numel());
   return out;

@@ -141,30 +141,33 @@ bool unpack_rows(const Problem& p, int64_t b, float* out) {
   return !Sparse || v == end;
 }
 
-// int8 block b as rows [b*kRows, b*kRows + kRows) of `out` (row stride Kp bytes, zeros where no weight is kept), for
-// the int8 prefill GEMM.
-template <bool Sparse>
-bool unpack_int8_rows(const Problem& p, int64_t b, int8_t* out) {
-  const uint8_t* v = Sparse ? p.values + p.block_offsets[b] : p.values + b * p.KC * kRows * 64;
-  const uint8_t* end = Sparse ? p.values + p.block_offsets[b + 1] : nullptr;
-  const uint8_t* mk = Sparse ? p.masks + b * p.KC * kRows * 8 : nullptr;
+// Block b as rows [b*kRows, b*kRows + kRows) of `out` in the values' own type (int8, or bf16 bits), row stride Kp
+// values, zeros where no weight is kept: for the prefill GEMMs on torch's int8 and bf16 kernels.
+template <bool Int8, bool Sparse>
+bool unpack_raw_rows(const Problem& p, int64_t b, uint8_t* out) {
+  constexpr int64_t E = Int8 ? 1 : 2, MaskBytes = Int8 ? 8 : 4;  // bytes per value; mask bytes per row and chunk
+  const uint8_t* v = Sparse ? p.values + p.block_offsets[b] * E : p.values + b * p.KC * kRows * 64;
+  const uint8_t* end = Sparse ? p.values + p.block_offsets[b + 1] * E : nullptr;
+  const uint8_t* mk = Sparse ? p.masks + b * p.KC * kRows * MaskBytes : nullptr;
   for (int64_t c = 0; c < p.KC; ++c) {
     for (int r = 0; r < kRows; ++r) {
       __m512i w;
       if constexpr (Sparse) {
-        uint64_t bits;
-        std::memcpy(&bits, mk + r * 8, 8);
+        uint64_t bits = 0;
+        std::memcpy(&bits, mk + r * MaskBytes, MaskBytes);
         const int64_t count = __builtin_popcountll(bits);
-        if (v + count > end) return false;
-        w = _mm512_maskz_expand_epi8(bits, _mm512_loadu_si512(v));  // values end with a register of slack
-        v += count;
+        if (v + count * E > end) return false;
+        const __m512i raw = _mm512_loadu_si512(v);  // values end with a register of slack
+        if constexpr (Int8) w = _mm512_maskz_expand_epi8(bits, raw);
+        else w = _mm512_maskz_expand_epi16(static_cast<__mmask32>(bits), raw);
+        v += count * E;
       } else {
         w = _mm512_loadu_si512(v);
         v += 64;
       }
-      _mm512_storeu_si512(out + (b * kRows + r) * p.Kp + c * 64, w);
+      _mm512_storeu_si512(out + ((b * kRows + r) * p.Kp + c * (64 / E)) * E, w);
     }
-    if constexpr (Sparse) mk += kRows * 8;
+    if constexpr (Sparse) mk += kRows * MaskBytes;
   }
   return !Sparse || v == end;
 }
@@ -188,8 +191,10 @@ bool avx512_blocks(const Problem& p, int64_t b0, int64_t b1) { return walk_block
 
 bool avx512_unpack_block(const Problem& p, int64_t b, float* out) { return unpack_block<Avx512>(p, b, out); }
 
-bool avx512_unpack_int8_block(const Problem& p, int64_t b, int8_t* out) {
-  return p.masks ? unpack_int8_rows<true>(p, b, out) : unpack_int8_rows<false>(p, b, out);
+bool avx512_unpack_raw_block(const Problem& p, int64_t b, void* out) {
+  uint8_t* o = static_cast<uint8_t*>(out);
+  if (p.row_sums) return p.masks ? unpack_raw_rows<true, true>(p, b, o) : unpack_raw_rows<true, false>(p, b, o);
+  return p.masks ? unpack_raw_rows<false, true>(p, b, o) : unpack_raw_rows<false, false>(p, b, o);
 }
 
 }  // namespace sparamx

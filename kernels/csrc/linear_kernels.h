@@ -51,9 +51,10 @@ bool avx2_blocks(const Problem& p, int64_t b0, int64_t b1);
 bool avx512_unpack_block(const Problem& p, int64_t b, float* out);
 bool avx2_unpack_block(const Problem& p, int64_t b, float* out);
 
-// int8 block b as rows [b*kRows, b*kRows + kRows) of `out` (row stride Kp bytes, natural column order, zeros where
-// no weight is kept), for the int8 prefill GEMM. False as above.
-bool avx512_unpack_int8_block(const Problem& p, int64_t b, int8_t* out);
+// Block b as rows [b*kRows, b*kRows + kRows) of `out` in the values' own type (int8, or bf16), row stride Kp values,
+// natural column order, zeros where no weight is kept: for the prefill GEMMs on torch's int8 and bf16 kernels. False
+// as above.
+bool avx512_unpack_raw_block(const Problem& p, int64_t b, void* out);
 
 // y for every row of x on AMX tiles (x packed as B tiles); false as above.
 bool amx_linear(const Problem& p);
