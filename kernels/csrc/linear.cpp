@@ -40,9 +40,10 @@ namespace {
 constexpr int64_t kGemmRows = 64;
 // From this many activation rows on (prefill), int8 weights on the AVX-512 path are unpacked slab by slab to dense
 // int8 and multiplied by torch's int8 GEMM (at::_int_mm, oneDNN's VNNI kernels): the same exact integer dot products
-// as the kernel, so the same numbers. Measured side by side on 2 cores (AVX-512 Zen 4, weights in cache): SmolLM2's
-// shapes 3-4x the kernel from M = 32 on; Llama-3-8B's (4096x4096, 14336x4096, bitmap 50%) 1.5x at M = 128 but 0.8x
-// at M = 64, where the dense int8 weight (twice the bitmap's bytes) is read for too few rows.
+// as the kernel, so the same numbers. Measured side by side on 2 cores (AVX-512 Zen 4), whole op: SmolLM2's shapes
+// 1.3-1.8x the kernel at M = 1024 (the GEMM alone 3-4x; quantizing x, shared by both, is most of the rest);
+// Llama-3-8B's (4096x4096, 14336x4096, bitmap 50%) 0.9-1.3x at M = 128 and 1.1-1.35x at M = 256. At M = 64 the
+// GEMM alone beat the kernel by only 1.06-1.2x before unpacking: the dense int8 weight is twice the bitmap's bytes.
 constexpr int64_t kInt8GemmRows = 128;
 // From this many activation rows on, where the CPU has AMX, isa=auto runs the tile path (linear_amx.cpp). Measured
 // side by side on a 16-core Xeon with AMX (4096x4096 and 14336x4096, bitmap 50% and dense, 2 and 16 threads, weights
